@@ -1,0 +1,101 @@
+"""The networks: one builder per conf/model/*.yaml, each returning an uncompiled keras.Model.
+
+Owns the layer lists; every size and rate comes from the YAML. It does not compile, train or log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import keras
+from keras import layers
+from omegaconf import DictConfig, OmegaConf
+
+from fashion_sweep.data import IMAGE_SHAPE, NUM_CLASSES
+
+
+def seed_cnn(filters: Sequence[int], conv_dropout: float, dense_units: int, dense_dropout: float) -> keras.Model:
+    """The reference: [Conv2D-MaxPool-Dropout] per filter count, Flatten-Dense-Dropout-Dense(10)."""
+    blocks = []
+    for n in filters:
+        blocks += [
+            layers.Conv2D(n, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Dropout(conv_dropout),
+        ]
+    return keras.Sequential(
+        [
+            keras.Input(IMAGE_SHAPE),
+            *blocks,
+            layers.Flatten(),
+            layers.Dense(dense_units, activation="relu"),
+            layers.Dropout(dense_dropout),
+            layers.Dense(NUM_CLASSES, activation="softmax"),
+        ],
+        name="seed_cnn",
+    )
+
+
+def readme_cnn(filters: int, conv_dropout: float, dense_units: int, dense_dropout: float) -> keras.Model:
+    """The reference write-up's variant: Conv2D(128, 3x3)-MaxPool-Dropout-Flatten-Dense(128)-Dropout-Dense(10)."""
+    return keras.Sequential(
+        [
+            keras.Input(IMAGE_SHAPE),
+            layers.Conv2D(filters, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Dropout(conv_dropout),
+            layers.Flatten(),
+            layers.Dense(dense_units, activation="relu"),
+            layers.Dropout(dense_dropout),
+            layers.Dense(NUM_CLASSES, activation="softmax"),
+        ],
+        name="readme_cnn",
+    )
+
+
+def cnn_bn(filters: Sequence[int], conv_dropout: float, dense_units: int, dense_dropout: float) -> keras.Model:
+    """Per filter count two [Conv2D-BatchNorm-ReLU], MaxPool, Dropout; then Dense-BatchNorm-ReLU-Dropout-Dense(10)."""
+    blocks = []
+    for n in filters:
+        for _ in range(2):
+            blocks += [layers.Conv2D(n, 3, padding="same", use_bias=False), layers.BatchNormalization(), layers.ReLU()]
+        blocks += [layers.MaxPooling2D(), layers.Dropout(conv_dropout)]
+    return keras.Sequential(
+        [
+            keras.Input(IMAGE_SHAPE),
+            *blocks,
+            layers.Flatten(),
+            layers.Dense(dense_units, use_bias=False),
+            layers.BatchNormalization(),
+            layers.ReLU(),
+            layers.Dropout(dense_dropout),
+            layers.Dense(NUM_CLASSES, activation="softmax"),
+        ],
+        name="cnn_bn",
+    )
+
+
+def mlp(hidden_units: Sequence[int], dropout: float) -> keras.Model:
+    """A dense baseline: Flatten, then Dense(relu)-Dropout per hidden layer, then Dense(10)."""
+    hidden = []
+    for n in hidden_units:
+        hidden += [layers.Dense(n, activation="relu"), layers.Dropout(dropout)]
+    return keras.Sequential(
+        [keras.Input(IMAGE_SHAPE), layers.Flatten(), *hidden, layers.Dense(NUM_CLASSES, activation="softmax")],
+        name="mlp",
+    )
+
+
+BUILDERS: dict[str, Callable[..., keras.Model]] = {
+    "seed_cnn": seed_cnn,
+    "readme_cnn": readme_cnn,
+    "cnn_bn": cnn_bn,
+    "mlp": mlp,
+}
+
+
+def build_model(cfg: DictConfig) -> keras.Model:
+    """The builder named cfg.name, called with the other keys of conf/model/<name>.yaml."""
+    knobs = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(knobs, dict)
+    return BUILDERS[knobs.pop("name")](**knobs)

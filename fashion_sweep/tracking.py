@@ -1,0 +1,115 @@
+"""MLflow while training: the store and experiment, a run that always ends, and what a run records.
+
+Owns every write to MLflow made by a training job; reading runs back is compare.py's job.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import numpy as np
+import tensorflow as tf
+from matplotlib.figure import Figure
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
+
+
+def connect(cfg: DictConfig) -> str:
+    """Point MLflow at cfg.uri, create the store and experiment if missing; return the experiment id."""
+    uri = str(cfg.uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    if experiment is None:
+        location = Path(cfg.artifact_location).as_uri() if cfg.artifact_location else None
+        try:
+            return client.create_experiment(cfg.experiment, artifact_location=location)
+        except MlflowException:
+            experiment = client.get_experiment_by_name(cfg.experiment)  # a concurrent job created it first
+            if experiment is None:
+                raise
+    return experiment.experiment_id
+
+
+@contextmanager
+def run(experiment_id: str, run_name: str, parent_run_id: str | None, tags: dict[str, str]) -> Iterator[str]:
+    """An active MLflow run that always ends: FINISHED, KILLED on Ctrl-C, FAILED (with the error) otherwise."""
+    if parent_run_id:
+        tags = {**tags, "sweep_id": parent_run_id}
+    active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
+    try:
+        yield active.info.run_id
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as err:
+        mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
+        mlflow.log_text(traceback.format_exc(), "traceback.txt")
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def flat_params(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config as {"optimizer.lr": "0.001", ...}; lists stay whole ("[32, 64]")."""
+    params: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}{key}.", value)
+        else:
+            params[prefix.rstrip(".")] = str(node)
+
+    walk("", OmegaConf.to_container(cfg, resolve=True))
+    return params
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from, if it runs from one."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+class EpochMetrics(keras.callbacks.Callback):
+    """Logs Keras' epoch metrics plus lr and epoch_seconds to the active run, step = epoch (1, 2, ...)."""
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        metrics = {name: float(value) for name, value in (logs or {}).items() if name in EPOCH_METRICS}
+        metrics["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        metrics["epoch_seconds"] = time.perf_counter() - self._started
+        mlflow.log_metrics(metrics, step=epoch + 1)
+
+
+def log_figure(figure: Figure, name: str) -> None:
+    mlflow.log_figure(figure, name)
+
+
+def log_model(model: keras.Model, example: np.ndarray) -> None:
+    """Log model as an MLflow Keras model with its signature, linked to the active run."""
+    signature = infer_signature(example, model.predict(example, verbose=0))
+    # Explicit requirements: letting mlflow 3.17 infer them costs ~5 s per run; these are what loading needs.
+    requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
+    mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)

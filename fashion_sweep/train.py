@@ -1,0 +1,115 @@
+"""One training run: data, model and optimizer from the config, model.fit, a test evaluation, all recorded.
+
+Owns the order of a run; what MLflow records is tracking.py's, how figures look is plots.py's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import keras
+import mlflow
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from fashion_sweep import data, plots, tracking
+from fashion_sweep.models import build_model
+from fashion_sweep.optimizers import build_optimizer
+
+log = logging.getLogger(__name__)
+
+# A --multirun's parent MLflow run id, set by sweep.MlflowSweep for the jobs (also in joblib worker processes).
+PARENT_RUN_ENV = "FASHION_SWEEP_PARENT_RUN_ID"
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite: a result of the learning rate, not a crash."""
+
+
+class DivergenceGuard(keras.callbacks.Callback):
+    """Stops training at the first batch whose running training loss is not finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.diverged_in_epoch: int | None = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch + 1
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.diverged_in_epoch = self._epoch
+            self.model.stop_training = True
+
+
+def run_name(cfg: DictConfig) -> str:
+    return f"{cfg.model.name} {cfg.optimizer.name} lr={cfg.optimizer.lr:g}"
+
+
+def load_split(cfg: DictConfig) -> tuple[data.Split, data.FashionMNIST]:
+    """Find, check and decode the data (once per process), then split it as cfg.data says."""
+    folder = data.locate(cfg.data.dir, cfg.data.system_dir, cfg.data.cache_dir, cfg.data.url)
+    dataset = data.load(folder)
+    return data.split(dataset, cfg.data.val_fraction, cfg.data.train_size, cfg.trainer.seed), dataset
+
+
+def train(cfg: DictConfig) -> float:
+    """Train and evaluate as cfg says, recording the run in MLflow; return its lowest val_loss (inf if diverged)."""
+    split, dataset = load_split(cfg)
+    keras.utils.set_random_seed(cfg.trainer.seed)
+    model = build_model(cfg.model)
+    model.compile(optimizer=build_optimizer(cfg.optimizer), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+    experiment_id = tracking.connect(cfg.tracking)
+    tags = {f"data_sha256.{name}": digest for name, digest in data.SHA256.items()}
+    tags["data_dir"] = str(dataset.source)
+    if commit := tracking.git_commit():
+        tags["git_commit"] = commit
+    if HydraConfig.initialized():
+        tags["hydra_output_dir"] = HydraConfig.get().runtime.output_dir
+    try:
+        with tracking.run(experiment_id, run_name(cfg), os.environ.get(PARENT_RUN_ENV), tags):
+            return fit_and_record(cfg, model, split)
+    except Diverged as err:
+        log.warning("%s: %s", run_name(cfg), err)
+        return math.inf
+
+
+def fit_and_record(cfg: DictConfig, model: keras.Model, split: data.Split) -> float:
+    """Inside the active run: log the config, fit, evaluate on the test set, log figures and the model."""
+    mlflow.log_params(tracking.flat_params(cfg))
+    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    mlflow.log_text("".join(f"- {o}\n" for o in overrides) or "[]\n", "overrides.yaml")
+
+    guard = DivergenceGuard()
+    history = model.fit(
+        split.x_train,
+        split.y_train,
+        batch_size=cfg.trainer.batch_size,
+        epochs=cfg.trainer.epochs,
+        validation_data=(split.x_val, split.y_val),
+        callbacks=[guard, tracking.EpochMetrics()],
+        verbose=cfg.trainer.verbose,
+    ).history
+    if guard.diverged_in_epoch is not None:
+        mlflow.set_tag("diverged", "true")
+        raise Diverged(f"training loss became NaN in epoch {guard.diverged_in_epoch}; stopped")
+
+    test_loss, test_accuracy = model.evaluate(split.x_test, split.y_test, batch_size=1024, verbose=0)
+    mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
+    log.info("%s: test accuracy %.4f, test loss %.4f", run_name(cfg), test_accuracy, test_loss)
+
+    predicted = model.predict(split.x_test, batch_size=1024, verbose=0).argmax(axis=1)
+    tracking.log_figure(plots.curves(history), "curves.png")
+    tracking.log_figure(plots.confusion_matrix(split.y_test, predicted, data.CLASS_NAMES), "confusion_matrix.png")
+    tracking.log_figure(
+        plots.misclassified(split.x_test, split.y_test, predicted, data.CLASS_NAMES), "misclassified.png"
+    )
+    if cfg.tracking.log_model:
+        tracking.log_model(model, split.x_test[:8])
+    return min(history["val_loss"])
