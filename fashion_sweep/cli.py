@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from fashion_sweep.config import validate
 from fashion_sweep.data import DataError
+from fashion_sweep.tracking import error_summary
 from fashion_sweep.train import train
 
 
@@ -30,7 +31,7 @@ def app(cfg: DictConfig) -> float:
     except DataError as err:
         raise JobFailed(str(err)) from None
     except Exception as err:
-        raise JobFailed(f"{type(err).__name__}: {err}") from err
+        raise JobFailed(error_summary(err)) from err
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:

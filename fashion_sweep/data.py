@@ -31,7 +31,9 @@ SHA256 = {
     "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
     "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
 }
-HOW_TO_GET = "install it with `apt-get install dataset-fashion-mnist` or set data.dir to a folder holding the four files"
+HOW_TO_GET = (
+    "install it with `apt-get install dataset-fashion-mnist` or set data.dir to a folder holding the four files"
+)
 
 
 class DataError(Exception):
@@ -123,7 +125,9 @@ def locate(dir: str | None, system_dir: str | None, cache_dir: str | None, url: 
             verify(folder)
             return folder
     if url is None:
-        raise DataError(f"Fashion-MNIST not found in {' or '.join(map(str, places))} and data.url is null; {HOW_TO_GET}")
+        raise DataError(
+            f"Fashion-MNIST not found in {' or '.join(map(str, places))} and data.url is null; {HOW_TO_GET}"
+        )
     download(url, cache)
     verify(cache)
     return cache

@@ -6,6 +6,7 @@ Owns the layer lists; every size and rate comes from the YAML. It does not compi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import keras
 from keras import layers
@@ -96,6 +97,5 @@ BUILDERS: dict[str, Callable[..., keras.Model]] = {
 
 def build_model(cfg: DictConfig) -> keras.Model:
     """The builder named cfg.name, called with the other keys of conf/model/<name>.yaml."""
-    knobs = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(knobs, dict)
+    knobs = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     return BUILDERS[knobs.pop("name")](**knobs)

@@ -5,6 +5,8 @@ Owns the mapping from config to keras.optimizers; it does not choose learning ra
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import keras
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,7 +20,6 @@ OPTIMIZERS: dict[str, type[keras.optimizers.Optimizer]] = {
 
 def build_optimizer(cfg: DictConfig) -> keras.optimizers.Optimizer:
     """OPTIMIZERS[cfg.name](learning_rate=cfg.lr, <the other keys of the YAML>)."""
-    knobs = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(knobs, dict)
+    knobs = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     name, lr = knobs.pop("name"), knobs.pop("lr")
     return OPTIMIZERS[name](learning_rate=float(lr), **knobs)

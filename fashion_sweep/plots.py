@@ -34,7 +34,11 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequen
     fig.colorbar(image, ax=ax, shrink=0.8)
     ax.set_xticks(range(n), class_names, rotation=45, ha="right")
     ax.set_yticks(range(n), class_names)
-    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix (test accuracy {np.trace(counts) / counts.sum():.2%})")
+    ax.set(
+        xlabel="predicted",
+        ylabel="true",
+        title=f"Confusion matrix (test accuracy {np.trace(counts) / counts.sum():.2%})",
+    )
     for i in range(n):
         for j in range(n):
             color = "white" if counts[i, j] > counts.max() / 2 else "black"

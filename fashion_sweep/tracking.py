@@ -5,6 +5,7 @@ Owns every write to MLflow made by a training job; reading runs back is compare.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 import traceback
@@ -45,6 +46,13 @@ def connect(cfg: DictConfig) -> str:
     return experiment.experiment_id
 
 
+def error_summary(err: BaseException, limit: int = 300) -> str:
+    """ "Type: message" on one line, without terminal colour codes, at most limit characters."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(err).__name__}: {err}")
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 @contextmanager
 def run(experiment_id: str, run_name: str, parent_run_id: str | None, tags: dict[str, str]) -> Iterator[str]:
     """An active MLflow run that always ends: FINISHED, KILLED on Ctrl-C, FAILED (with the error) otherwise."""
@@ -57,7 +65,7 @@ def run(experiment_id: str, run_name: str, parent_run_id: str | None, tags: dict
         mlflow.end_run("KILLED")
         raise
     except BaseException as err:
-        mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
+        mlflow.set_tag("error", error_summary(err))
         mlflow.log_text(traceback.format_exc(), "traceback.txt")
         mlflow.end_run("FAILED")
         raise

@@ -25,24 +25,27 @@ PARENT_RUN_ENV = "FASHION_SWEEP_PARENT_RUN_ID"
 
 
 class Diverged(Exception):
-    """The training loss became NaN or infinite: a result of the learning rate, not a crash."""
+    """The training loss became NaN or exploded: a result of the learning rate, not a crash."""
 
 
 class DivergenceGuard(keras.callbacks.Callback):
-    """Stops training at the first batch whose running training loss is not finite."""
+    """Stops training when the training loss is NaN (checked every batch) or, at an epoch's end, above limit."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: float) -> None:
         super().__init__()
-        self.diverged_in_epoch: int | None = None
-        self._epoch = 0
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._epoch = epoch + 1
+        self.limit = limit
+        self.reason: str | None = None
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
-            self.diverged_in_epoch = self._epoch
+            self.reason = f"training loss became {float(loss)} at batch {batch + 1}"
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        loss = float((logs or {}).get("loss", math.nan))
+        if self.reason is None and loss > self.limit:
+            self.reason = f"training loss {loss:.3g} exceeded trainer.diverge_loss={self.limit:g} in epoch {epoch + 1}"
             self.model.stop_training = True
 
 
@@ -58,35 +61,36 @@ def load_split(cfg: DictConfig) -> tuple[data.Split, data.FashionMNIST]:
 
 
 def train(cfg: DictConfig) -> float:
-    """Train and evaluate as cfg says, recording the run in MLflow; return its lowest val_loss (inf if diverged)."""
-    split, dataset = load_split(cfg)
-    keras.utils.set_random_seed(cfg.trainer.seed)
-    model = build_model(cfg.model)
-    model.compile(optimizer=build_optimizer(cfg.optimizer), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-
+    """Train and evaluate as cfg says inside one MLflow run; return the lowest val_loss (inf if diverged)."""
     experiment_id = tracking.connect(cfg.tracking)
-    tags = {f"data_sha256.{name}": digest for name, digest in data.SHA256.items()}
-    tags["data_dir"] = str(dataset.source)
+    tags = {"hydra_output_dir": HydraConfig.get().runtime.output_dir} if HydraConfig.initialized() else {}
     if commit := tracking.git_commit():
         tags["git_commit"] = commit
-    if HydraConfig.initialized():
-        tags["hydra_output_dir"] = HydraConfig.get().runtime.output_dir
     try:
         with tracking.run(experiment_id, run_name(cfg), os.environ.get(PARENT_RUN_ENV), tags):
-            return fit_and_record(cfg, model, split)
+            return fit_and_record(cfg)
     except Diverged as err:
-        log.warning("%s: %s", run_name(cfg), err)
+        log.warning("%s diverged: %s", run_name(cfg), err)
         return math.inf
 
 
-def fit_and_record(cfg: DictConfig, model: keras.Model, split: data.Split) -> float:
-    """Inside the active run: log the config, fit, evaluate on the test set, log figures and the model."""
+def fit_and_record(cfg: DictConfig) -> float:
+    """Inside the active run: log the config, load data, fit, evaluate on the test set, log figures and model."""
     mlflow.log_params(tracking.flat_params(cfg))
     mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     mlflow.log_text("".join(f"- {o}\n" for o in overrides) or "[]\n", "overrides.yaml")
 
-    guard = DivergenceGuard()
+    split, dataset = load_split(cfg)
+    mlflow.set_tags({f"data_sha256.{name}": digest for name, digest in data.SHA256.items()})
+    mlflow.set_tag("data_dir", str(dataset.source))
+    keras.utils.set_random_seed(cfg.trainer.seed)
+    model = build_model(cfg.model)
+    model.compile(
+        optimizer=build_optimizer(cfg.optimizer), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
+
+    guard = DivergenceGuard(cfg.trainer.diverge_loss)
     history = model.fit(
         split.x_train,
         split.y_train,
@@ -96,9 +100,9 @@ def fit_and_record(cfg: DictConfig, model: keras.Model, split: data.Split) -> fl
         callbacks=[guard, tracking.EpochMetrics()],
         verbose=cfg.trainer.verbose,
     ).history
-    if guard.diverged_in_epoch is not None:
+    if guard.reason is not None:
         mlflow.set_tag("diverged", "true")
-        raise Diverged(f"training loss became NaN in epoch {guard.diverged_in_epoch}; stopped")
+        raise Diverged(f"{guard.reason}; training stopped")
 
     test_loss, test_accuracy = model.evaluate(split.x_test, split.y_test, batch_size=1024, verbose=0)
     mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})

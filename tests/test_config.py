@@ -1,0 +1,124 @@
+"""Hydra composition of every option and preset, the config checks, and the YAML's own conventions."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from fashion_sweep.config import ConfigError, validate
+from fashion_sweep.models import build_model
+from fashion_sweep.optimizers import build_optimizer
+
+CONF = Path(__file__).parents[1] / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def composed(*overrides: str, hydra: bool = False) -> DictConfig:
+    with initialize_config_module(version_base="1.3", config_module="fashion_sweep.conf"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def test_groups_offer_the_documented_options() -> None:
+    assert options("model") == ["cnn_bn", "mlp", "readme_cnn", "seed_cnn"]
+    assert options("optimizer") == ["adam", "adamw", "rmsprop", "sgd"]
+    assert options("experiment") == ["lr_sweep", "optimizer_sweep"]
+
+
+def test_defaults_are_the_references() -> None:
+    cfg = composed()
+    assert (cfg.model.name, cfg.optimizer.name, cfg.optimizer.lr) == ("seed_cnn", "rmsprop", 0.001)
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size) == (20, 128)
+    assert list(cfg.model.filters) == [32, 64] and cfg.model.dense_units == 256
+
+
+@pytest.mark.parametrize("model", options("model"))
+@pytest.mark.parametrize("optimizer", options("optimizer"))
+def test_every_model_and_optimizer_composes_and_builds(model: str, optimizer: str) -> None:
+    cfg = composed(f"model={model}", f"optimizer={optimizer}", "optimizer.lr=0.003")
+    validate(cfg)
+    net = build_model(cfg.model)
+    opt = build_optimizer(cfg.optimizer)
+    assert net.output_shape == (None, 10)
+    assert net.name == model
+    assert math.isclose(float(opt.learning_rate), 0.003, rel_tol=1e-6)
+
+
+def test_layer_sizes_come_from_the_yaml() -> None:
+    net = build_model(composed("model.filters=[16]", "model.dense_units=48").model)
+    assert [layer.filters for layer in net.layers if hasattr(layer, "filters")] == [16]
+    assert [layer.units for layer in net.layers if hasattr(layer, "units")] == [48, 10]
+
+
+def test_sgd_has_nesterov_momentum() -> None:
+    opt = build_optimizer(composed("optimizer=sgd").optimizer)
+    assert opt.nesterov and opt.momentum == 0.9
+
+
+@pytest.mark.parametrize("preset", options("experiment"))
+def test_every_preset_composes(preset: str) -> None:
+    cfg = composed(f"experiment={preset}", hydra=True)
+    assert cfg.sweep_name == preset
+    assert "optimizer.lr" in cfg.hydra.sweeper.params
+
+
+def swept_values(params: DictConfig) -> list[dict[str, str]]:
+    """Expand hydra.sweeper.params the way Hydra's basic sweeper does; one dict per job."""
+    overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    (batch,) = BasicSweeper.split_arguments(overrides, max_batch_size=None)
+    return [dict(o.split("=", 1) for o in job) for job in batch]
+
+
+def test_lr_sweep_expands_to_log_spaced_rates_around_0_001() -> None:
+    cfg = composed("experiment=lr_sweep", hydra=True)
+    jobs = swept_values(cfg.hydra.sweeper.params)
+    in_yaml = re.search(r"optimizer\.lr: ([^ #]+)", (CONF / "experiment" / "lr_sweep.yaml").read_text())
+    assert in_yaml is not None
+    assert [float(job["optimizer.lr"]) for job in jobs] == [float(v) for v in in_yaml.group(1).split(",")]
+    rates = sorted(float(job["optimizer.lr"]) for job in jobs)
+    assert 0.001 in rates and rates[0] <= 1e-4 and rates[-1] >= 1e-2
+    ratios = [b / a for a, b in zip(rates, rates[1:], strict=False)]
+    assert max(ratios) / min(ratios) < 1.01  # evenly spaced on a log scale
+
+
+def test_optimizer_sweep_crosses_the_rates_with_three_optimizers() -> None:
+    jobs = swept_values(composed("experiment=optimizer_sweep", hydra=True).hydra.sweeper.params)
+    lr_jobs = swept_values(composed("experiment=lr_sweep", hydra=True).hydra.sweeper.params)
+    assert {job["optimizer"] for job in jobs} == {"rmsprop", "adam", "sgd"}
+    assert len(jobs) == 3 * len(lr_jobs)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optimizer.lr=0", r"optimizer.lr=0 is not allowed: expected a number > 0"),
+        ("optimizer.lr=-0.1", r"optimizer.lr=-0.1 is not allowed"),
+        ("optimizer.lr=fast", r"optimizer.lr='fast' is not allowed"),
+        ("trainer.epochs=0", r"trainer.epochs=0 is not allowed: expected a whole number >= 1"),
+        ("trainer.batch_size=0", r"trainer.batch_size=0 is not allowed"),
+        ("data.val_fraction=1.5", r"data.val_fraction=1.5 is not allowed"),
+    ],
+)
+def test_out_of_range_values_are_refused_naming_key_and_value(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate(composed(override))
+
+
+KEY_LINE = re.compile(r"^\s*[A-Za-z_][\w.]*:(?!\s*$)")  # "key: value" (a key opening a block may go uncommented)
+
+
+@pytest.mark.parametrize("path", sorted(CONF.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONF)))
+def test_every_yaml_key_with_a_value_has_a_comment(path: Path) -> None:
+    lines = [line for line in path.read_text().splitlines() if KEY_LINE.match(line) and "_target_" not in line]
+    uncommented = [line for line in lines if " # " not in line and "  #" not in line]
+    assert not uncommented, f"{path.name}: keys without a one-line comment: {uncommented}"
+    assert OmegaConf.load(path) is not None

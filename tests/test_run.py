@@ -1,0 +1,133 @@
+"""One run end to end: the real `fashion-sweep` console script, real data, a real (temporary) MLflow store."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fashion_sweep import data
+from tests.conftest import BIN, QUICK, all_runs, fashion_sweep, store_uri
+
+EPOCH_METRICS = ["loss", "accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds"]
+ARTIFACTS = ["config.yaml", "overrides.yaml", "curves.png", "confusion_matrix.png", "misclassified.png"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory):
+    """One 2-epoch run on 2,000 images, recorded in a fresh store; yields (tmp dir, process, MLflow run)."""
+    tmp = tmp_path_factory.mktemp("run")
+    proc = fashion_sweep(tmp, "data.train_size=2000", "trainer.epochs=2", "trainer.verbose=0", "optimizer.lr=0.002")
+    assert proc.returncode == 0, proc.stderr
+    (run,) = all_runs(tmp)
+    return tmp, proc, run
+
+
+def test_run_is_finished_and_named_for_what_it_is(finished_run) -> None:
+    _, _, run = finished_run
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "seed_cnn rmsprop lr=0.002"
+
+
+def test_run_logs_the_whole_resolved_config_as_dotted_params(finished_run) -> None:
+    tmp, _, run = finished_run
+    params = run.data.params
+    assert params["optimizer.lr"] == "0.002" and params["model.name"] == "seed_cnn"
+    assert params["model.filters"] == "[32, 64]" and params["trainer.epochs"] == "2"
+    assert params["tracking.uri"] == store_uri(tmp / "mlruns")  # resolved, not "${hydra:...}"
+    assert not any("${" in value for value in params.values())
+
+
+def test_run_logs_each_epoch_metric_once_per_epoch_and_test_metrics(finished_run) -> None:
+    tmp, _, run = finished_run
+    client = MlflowClient(store_uri(tmp / "mlruns"))
+    for name in EPOCH_METRICS:
+        history = client.get_metric_history(run.info.run_id, name)
+        assert sorted(p.step for p in history) == [1, 2], name
+    assert 0.5 < run.data.metrics["test_accuracy"] <= 1.0  # 2 epochs on 1,800 images beat chance (0.1) clearly
+    assert run.data.metrics["test_loss"] > 0
+    assert run.data.metrics["lr"] == pytest.approx(0.002)
+
+
+def test_run_logs_artifacts_tags_and_model(finished_run) -> None:
+    tmp, _, run = finished_run
+    client = MlflowClient(store_uri(tmp / "mlruns"))
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == sorted(ARTIFACTS)
+    config_yaml = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
+    assert "lr: 0.002" in config_yaml
+    overrides = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/overrides.yaml")
+    assert "- optimizer.lr=0.002" in overrides
+    tags = run.data.tags
+    assert tags["data_sha256.train-images-idx3-ubyte.gz"] == data.SHA256["train-images-idx3-ubyte.gz"]
+    assert Path(tags["hydra_output_dir"]) == tmp / "outputs" / "run"
+    (model,) = client.search_logged_models([run.info.experiment_id])
+    assert model.source_run_id == run.info.run_id  # shown in the run's models tab
+    assert [o.model_id for o in client.get_run(run.info.run_id).outputs.model_outputs] == [model.model_id]
+
+
+def test_logged_model_loads_and_predicts_probabilities(finished_run, fashion_dir: Path) -> None:
+    tmp, _, _ = finished_run
+    mlflow.set_tracking_uri(store_uri(tmp / "mlruns"))
+    (model,) = MlflowClient().search_logged_models([all_runs(tmp)[0].info.experiment_id])
+    loaded = mlflow.pyfunc.load_model(model.model_uri)
+    images = data.load(fashion_dir).x_test[:5].astype(np.float32) / 255.0
+    probabilities = np.asarray(loaded.predict(images))
+    assert probabilities.shape == (5, 10)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model=resnet", "Could not find 'model/resnet'"),
+        ("trainer.epoch=3", "Could not override 'trainer.epoch'"),
+        ("optimizer.lr=-1", "optimizer.lr=-1 is not allowed: expected a number > 0"),
+        ("optimizer.lr=abc", "optimizer.lr='abc' is not allowed: expected a number > 0"),
+        ("trainer.epochs=0", "trainer.epochs=0 is not allowed"),
+        ("trainer.batch_size=0", "trainer.batch_size=0 is not allowed"),
+    ],
+)
+def test_bad_config_is_refused_before_any_run(tmp_path: Path, override: str, message: str) -> None:
+    proc = fashion_sweep(tmp_path, *QUICK, override, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists() or all_runs(tmp_path) == []
+
+
+def test_missing_data_is_one_line_and_the_run_ends_failed(tmp_path: Path) -> None:
+    proc = fashion_sweep(tmp_path, *QUICK, f"data.dir={tmp_path / 'nowhere'}", timeout=120)
+    assert proc.returncode != 0
+    assert "nowhere is not a directory; install it with `apt-get install dataset-fashion-mnist`" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    (run,) = all_runs(tmp_path)
+    assert run.info.status == "FAILED" and "not a directory" in run.data.tags["error"]
+
+
+def test_sigint_mid_training_ends_the_run_killed(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [str(BIN / "fashion-sweep"), f"tracking.uri={store_uri(tmp_path / 'mlruns')}",
+         f"tracking.artifact_location={tmp_path / 'mlruns' / 'artifacts'}", f"hydra.run.dir={tmp_path}/out",
+         "data.train_size=5000", "trainer.epochs=50", "trainer.verbose=2"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # wait until the first epoch has ended: training is under way
+            if "val_loss" in line:
+                break
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "interrupted" in output and "Traceback" not in output
+    (run,) = all_runs(tmp_path)
+    assert run.info.status == "KILLED"
