@@ -46,13 +46,15 @@ def default_tracking_uri() -> str:
 def find_parent(client: MlflowClient, sweep: str | None) -> Run:
     """The parent run of a sweep, by sweep id (= parent run id) or parent run name; the latest if None."""
     experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    query = "tags.sweep_role = 'parent'"
-    if sweep is not None:
-        query += f" and (tags.sweep_id = '{sweep}' or attributes.run_name = '{sweep}')"
-    runs = client.search_runs(experiment_ids, query, order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        raise LookupError(f"no sweep {sweep!r} in the store" if sweep else "no sweep in the store yet")
-    return runs[0]
+    matches = (
+        [f"tags.sweep_id = '{sweep}'", f"attributes.run_name = '{sweep}'"] if sweep else ["attributes.run_name != ''"]
+    )
+    for match in matches:  # MLflow's search has no OR: try the id, then the name
+        query = f"tags.sweep_role = 'parent' and {match}"
+        runs = client.search_runs(experiment_ids, query, order_by=["attributes.start_time DESC"], max_results=1)
+        if runs:
+            return runs[0]
+    raise LookupError(f"no sweep {sweep!r} in the store" if sweep else "no sweep in the store yet")
 
 
 def child_runs(client: MlflowClient, parent: Run) -> list[Run]:

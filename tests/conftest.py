@@ -35,14 +35,16 @@ def run_script(name: str, *args: str, cwd: Path, timeout: float = 300, env: dict
 
 
 def fashion_sweep(tmp: Path, *overrides: str, timeout: float = 300):
-    """`fashion-sweep` with its store in tmp/mlruns and Hydra's output dirs under tmp."""
+    """`fashion-sweep` with its store in tmp/mlruns and Hydra's output dirs under tmp (flags such as -m first)."""
+    flags = [arg for arg in overrides if arg.startswith("-")]
     return run_script(
         "fashion-sweep",
+        *flags,
         f"tracking.uri={store_uri(tmp / 'mlruns')}",
         f"tracking.artifact_location={tmp / 'mlruns' / 'artifacts'}",
         f"hydra.run.dir={tmp}/outputs/run",
         f"hydra.sweep.dir={tmp}/multirun",
-        *overrides,
+        *[arg for arg in overrides if arg not in flags],
         cwd=tmp,
         timeout=timeout,
     )
@@ -57,3 +59,12 @@ def all_runs(tmp: Path) -> list[Run]:
 def fashion_dir() -> Path:
     """The real Fashion-MNIST files, from Debian's dataset-fashion-mnist (or wherever the loader finds them)."""
     return data.locate(None, "/usr/share/datasets/fashion-mnist", None, url=None)
+
+
+@pytest.fixture(scope="session")
+def lr_sweep(tmp_path_factory: pytest.TempPathFactory):
+    """A real 3-learning-rate multirun into a fresh store; yields (tmp dir, finished process)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    proc = fashion_sweep(tmp, "--multirun", "optimizer.lr=0.0003,0.001,0.003", *QUICK, "tracking.log_model=false")
+    assert proc.returncode == 0, proc.stderr
+    return tmp, proc

@@ -1,0 +1,41 @@
+# Set-up and the everyday commands. Every target installs what it needs first, so each works on a fresh
+# Debian machine with Python 3.11 (as root, or with sudo), reaching only the package registries.
+VENV ?= .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PORT ?= 5000
+
+.PHONY: sweep test lint ui setup data browser clean
+
+sweep: setup data  ## the main job: the learning-rate sweep (experiment=lr_sweep) into ./mlruns
+	$(BIN)/fashion-sweep --multirun experiment=lr_sweep
+
+test: setup data browser  ## the whole test suite (real data, real MLflow, real Chromium)
+	$(BIN)/python -m pytest
+
+lint: setup  ## ruff and mypy, as CI runs them
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy fashion_sweep
+
+ui: setup  ## the MLflow UI on ./mlruns at http://127.0.0.1:$(PORT)
+	$(BIN)/fashion-sweep-ui --port $(PORT)
+
+setup: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+data:  ## Fashion-MNIST from Debian's dataset-fashion-mnist, unless it is there already
+	@[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist)
+
+browser:  ## Debian's Chromium, for the UI test
+	@command -v chromium >/dev/null || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+clean:  ## remove the virtual environment and Hydra's output folders (keeps ./mlruns)
+	rm -rf $(VENV) outputs multirun reports

@@ -1,0 +1,37 @@
+"""`fashion-sweep-ui`: the MLflow UI on this project's store, bound to 127.0.0.1, with one worker.
+
+Owns starting the UI for a local user; it never writes to the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from fashion_sweep.compare import default_tracking_uri
+
+
+def ui_command(tracking_uri: str, port: int) -> list[str]:
+    """`mlflow ui` on 127.0.0.1 only; one worker is plenty for one user (four take ~2 GB)."""
+    mlflow = Path(sys.executable).parent / "mlflow"
+    return [str(mlflow), "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1"]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fashion-sweep-ui", description="Browse the runs in the MLflow UI.")
+    parser.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: ./mlruns/mlflow.db)")
+    args = parser.parse_args(argv)
+    uri = args.tracking_uri or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        sys.exit(f"fashion-sweep-ui: no MLflow store at {uri}; run `fashion-sweep` first or pass --tracking-uri")
+    print(f"MLflow UI: http://127.0.0.1:{args.port}  (store {uri}; Ctrl-C stops it)", flush=True)
+    command = ui_command(uri, args.port)
+    os.execv(command[0], command)  # the UI replaces this process, so Ctrl-C and SIGTERM reach it directly
+
+
+if __name__ == "__main__":
+    main()

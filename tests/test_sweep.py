@@ -1,0 +1,136 @@
+"""Sweeps end to end: `fashion-sweep --multirun` grouped in MLflow, its report, and `fashion-sweep-compare`."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from fashion_sweep.sweep import sweep_status
+from tests.conftest import QUICK, all_runs, fashion_sweep, run_script, store_uri
+
+REPORT = ["lr_effect.png", "summary.csv", "summary.md", "val_curves.png"]
+
+
+def parent_and_children(tmp: Path) -> tuple[Run, list[Run]]:
+    runs = all_runs(tmp)
+    (parent,) = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
+    return parent, [r for r in runs if r is not parent]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_multirun_groups_its_jobs_under_one_parent_run(lr_sweep) -> None:
+    tmp, _ = lr_sweep
+    parent, children = parent_and_children(tmp)
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_name.startswith("sweep ")
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert {c.data.tags["sweep_id"] for c in children} == {parent.data.tags["sweep_id"]} == {parent.info.run_id}
+    assert len({c.info.experiment_id for c in [parent, *children]}) == 1
+    assert sorted(float(c.data.params["optimizer.lr"]) for c in children) == [0.0003, 0.001, 0.003]
+
+
+def test_parent_holds_the_report_and_the_best_lr(lr_sweep) -> None:
+    tmp, proc = lr_sweep
+    parent, children = parent_and_children(tmp)
+    client = MlflowClient(store_uri(tmp / "mlruns"))
+    assert sorted(a.path for a in client.list_artifacts(parent.info.run_id)) == sorted(REPORT + ["sweep.yaml"])
+    lowest = {c.data.params["optimizer.lr"]: min(p.value for p in client.get_metric_history(c.info.run_id, "val_loss"))
+              for c in children}  # fmt: skip
+    best_lr = min(lowest, key=lambda lr: lowest[lr])
+    assert parent.data.params["best_lr"] == best_lr
+    assert parent.data.metrics["best_lr"] == float(best_lr)
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(lowest[best_lr])
+    best_child = next(c for c in children if c.data.params["optimizer.lr"] == best_lr)
+    assert parent.data.metrics["best_test_accuracy"] == best_child.data.metrics["test_accuracy"]
+    assert "| optimizer.lr | best_val_loss |" in proc.stdout  # the table, printed in the terminal too
+
+
+def test_report_table_has_a_row_per_run_best_first(lr_sweep) -> None:
+    tmp, _ = lr_sweep
+    (report,) = (tmp / "multirun").glob("report")
+    rows = read_csv(report / "summary.csv")
+    assert len(rows) == 3
+    losses = [float(r["best_val_loss"]) for r in rows]
+    assert losses == sorted(losses)
+    assert {r["status"] for r in rows} == {"FINISHED"} and {r["epochs"] for r in rows} == {"1"}
+    assert "best = lowest validation loss reached in any epoch" in (report / "summary.md").read_text()
+
+
+def test_diverging_lr_is_a_result_not_an_error(tmp_path: Path) -> None:
+    proc = fashion_sweep(tmp_path, "-m", "optimizer=sgd", "optimizer.lr=0.01,10", *QUICK, "tracking.log_model=false")
+    assert proc.returncode == 0, proc.stderr
+    parent, children = parent_and_children(tmp_path)
+    by_lr = {c.data.params["optimizer.lr"]: c for c in children}
+    assert by_lr["10"].info.status == "FAILED" and by_lr["10"].data.tags["diverged"] == "true"
+    assert by_lr["0.01"].info.status == "FINISHED" and "diverged" not in by_lr["0.01"].data.tags
+    assert parent.info.status == "FINISHED" and parent.data.params["best_lr"] == "0.01"
+    rows = read_csv(tmp_path / "multirun" / "report" / "summary.csv")
+    assert [(r["optimizer.lr"], r["status"]) for r in rows] == [("0.01", "FINISHED"), ("10", "DIVERGED")]
+
+    # fashion-sweep-compare rebuilds the same table from the store alone
+    out = tmp_path / "again"
+    again = run_script("fashion-sweep-compare", "--tracking-uri", store_uri(tmp_path / "mlruns"), "--out", str(out),
+                       cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert (out / "summary.csv").read_text() == (tmp_path / "multirun" / "report" / "summary.csv").read_text()
+    assert sorted(p.name for p in out.iterdir()) == REPORT
+
+
+def test_crashing_job_fails_the_sweep_but_not_the_others(tmp_path: Path) -> None:
+    proc = fashion_sweep(tmp_path, "-m", "model.filters=[32],[8,8,8,8,8,8]", *QUICK, "tracking.log_model=false")
+    assert proc.returncode != 0
+    assert "ValueError: Exception encountered when calling MaxPooling2D" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    parent, children = parent_and_children(tmp_path)
+    assert parent.info.status == "FAILED"
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
+    rows = read_csv(tmp_path / "multirun" / "report" / "summary.csv")
+    assert [r["status"] for r in rows] == ["FINISHED", "FAILED"]
+    assert "Computed output size would be zero or negative" in rows[1]["note"]
+    assert "FAILED" in proc.stdout  # the table printed at the end says which job failed, and why
+
+
+def test_joblib_launcher_into_a_new_store_loses_nothing(tmp_path: Path) -> None:
+    assert not (tmp_path / "mlruns").exists()
+    proc = fashion_sweep(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                         "optimizer.lr=0.0003,0.001,0.003", *QUICK, "trainer.epochs=2", "tracking.log_model=false")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    parent, children = parent_and_children(tmp_path)
+    assert parent.info.status == "FINISHED" and len(children) == 3
+    client = MlflowClient(store_uri(tmp_path / "mlruns"))
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        for metric in ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds"):
+            assert sorted(p.step for p in client.get_metric_history(child.info.run_id, metric)) == [1, 2]
+
+
+def test_compare_errors_are_one_line(tmp_path: Path, lr_sweep) -> None:
+    missing = run_script("fashion-sweep-compare", "--tracking-uri", store_uri(tmp_path / "none"), cwd=tmp_path)
+    assert missing.returncode == 1 and "no MLflow store at" in missing.stderr
+    assert "Traceback" not in missing.stderr and not (tmp_path / "none").exists()
+    store = store_uri(lr_sweep[0] / "mlruns")
+    unknown = run_script("fashion-sweep-compare", "--tracking-uri", store, "--sweep", "nope", cwd=tmp_path)
+    assert unknown.returncode == 1 and "no sweep 'nope' in the store" in unknown.stderr
+
+
+@pytest.mark.parametrize(
+    ("statuses", "completed", "expected"),
+    [
+        (["FINISHED", "DIVERGED"], True, "FINISHED"),
+        (["FINISHED", "FAILED"], True, "FAILED"),
+        (["FINISHED"], False, "FAILED"),
+        (["FINISHED", "KILLED"], False, "KILLED"),
+    ],
+)
+def test_sweep_status_follows_its_jobs(statuses: list[str], completed: bool, expected: str) -> None:
+    assert sweep_status(statuses, completed) == expected
