@@ -101,8 +101,9 @@ def test_crashing_job_fails_the_sweep_but_not_the_others(tmp_path: Path) -> None
 
 def test_joblib_launcher_into_a_new_store_loses_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "mlruns").exists()
-    proc = fashion_sweep(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                         "optimizer.lr=0.0003,0.001,0.003", *QUICK, "trainer.epochs=2", "tracking.log_model=false")  # fmt: skip
+    joblib = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    lrs = "optimizer.lr=0.0003,0.001,0.003"
+    proc = fashion_sweep(tmp_path, "-m", *joblib, lrs, *QUICK, "trainer.epochs=2", "tracking.log_model=false")
     assert proc.returncode == 0, proc.stderr
     parent, children = parent_and_children(tmp_path)
     assert parent.info.status == "FINISHED" and len(children) == 3
