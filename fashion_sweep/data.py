@@ -8,14 +8,18 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -147,13 +151,16 @@ def read_idx(path: Path) -> np.ndarray:
 @functools.lru_cache(maxsize=2)
 def load(folder: Path) -> FashionMNIST:
     """Decode the four files in folder; cached, so jobs of a sweep in one process decode them once."""
-    return FashionMNIST(
+    started = time.perf_counter()
+    dataset = FashionMNIST(
         x_train=read_idx(folder / "train-images-idx3-ubyte.gz")[..., None],
         y_train=read_idx(folder / "train-labels-idx1-ubyte.gz"),
         x_test=read_idx(folder / "t10k-images-idx3-ubyte.gz")[..., None],
         y_test=read_idx(folder / "t10k-labels-idx1-ubyte.gz"),
         source=folder,
     )
+    log.info("Decoded Fashion-MNIST from %s in %.1f s", folder, time.perf_counter() - started)
+    return dataset
 
 
 def stratified_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def curves(history: Mapping[str, Sequence[float]]) -> Figure:
@@ -19,6 +20,7 @@ def curves(history: Mapping[str, Sequence[float]]) -> Figure:
         ax.plot(epochs, history[metric], "o-", label=f"training {metric}")
         ax.plot(epochs, history[f"val_{metric}"], "s-", label=f"validation {metric}")
         ax.set(xlabel="epoch", ylabel=metric, title=f"Training & validation {metric}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     return fig
@@ -100,6 +102,7 @@ def val_curves(histories: Mapping[str, Mapping[str, Sequence[float]]]) -> Figure
             values = history.get(metric, [])
             ax.plot(np.arange(1, len(values) + 1), values, "o-", ms=3, label=label)
         ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.axes[0].legend(fontsize=8)
     return fig

@@ -61,13 +61,14 @@ def run(experiment_id: str, run_name: str, parent_run_id: str | None, tags: dict
     active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
     try:
         yield active.info.run_id
-    except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
-        raise
     except BaseException as err:
-        mlflow.set_tag("error", error_summary(err))
-        mlflow.log_text(traceback.format_exc(), "traceback.txt")
-        mlflow.end_run("FAILED")
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        try:
+            if status == "FAILED":
+                mlflow.set_tag("error", error_summary(err))
+                mlflow.log_text(traceback.format_exc(), "traceback.txt")
+        finally:
+            mlflow.end_run(status)
         raise
     mlflow.end_run("FINISHED")
 

@@ -38,6 +38,11 @@ def test_multirun_groups_its_jobs_under_one_parent_run(lr_sweep) -> None:
     assert sorted(float(c.data.params["optimizer.lr"]) for c in children) == [0.0003, 0.001, 0.003]
 
 
+def test_jobs_in_one_process_decode_the_dataset_once(lr_sweep) -> None:
+    _, proc = lr_sweep
+    assert (proc.stdout + proc.stderr).count("Decoded Fashion-MNIST from") == 1
+
+
 def test_parent_holds_the_report_and_the_best_lr(lr_sweep) -> None:
     tmp, proc = lr_sweep
     parent, children = parent_and_children(tmp)

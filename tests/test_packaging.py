@@ -1,0 +1,46 @@
+"""The package as users install it: a wheel carries conf/, and the console script answers Hydra's flags."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from tests.conftest import run_script
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_wheel_carries_the_configs_and_hydra_finds_them(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("fashion_sweep-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for yaml in ROOT.joinpath("conf").rglob("*.yaml"):
+        assert f"fashion_sweep/conf/{yaml.relative_to(ROOT / 'conf')}" in names
+
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    compose = (
+        "import sys, fashion_sweep, hydra\n"
+        "assert fashion_sweep.__file__.startswith(sys.argv[1]), fashion_sweep.__file__\n"
+        "with hydra.initialize_config_module(version_base='1.3', config_module='fashion_sweep.conf'):\n"
+        "    cfg = hydra.compose('config', overrides=['experiment=lr_sweep', 'model=cnn_bn'])\n"
+        "print(cfg.model.name, cfg.sweep_name)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", compose, str(site)], env={"PYTHONPATH": str(site)}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["cnn_bn", "lr_sweep"]
+
+
+def test_help_lists_the_config_groups(tmp_path: Path) -> None:
+    proc = run_script("fashion-sweep", "--help", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0
+    for line in ("model: cnn_bn, mlp, readme_cnn, seed_cnn", "optimizer: adam, adamw, rmsprop, sgd",
+                 "experiment: lr_sweep, optimizer_sweep"):  # fmt: skip
+        assert line in proc.stdout
