@@ -24,6 +24,8 @@ ui: setup  ## the MLflow UI on ./mlruns at http://127.0.0.1:$(PORT)
 setup: $(BIN)/.installed
 
 $(BIN)/.installed: pyproject.toml
+	@python3 -c "import ensurepip" 2>/dev/null || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv)
 	python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"

@@ -23,7 +23,7 @@ class JobFailed(CompactHydraException):
     """A job crashed; Hydra prints this one line (the traceback is in the run's traceback.txt)."""
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://fashion_sweep.conf", config_name="config")
 def app(cfg: DictConfig) -> float:
     validate(cfg)
     try:
@@ -31,7 +31,7 @@ def app(cfg: DictConfig) -> float:
     except DataError as err:
         raise JobFailed(str(err)) from None
     except Exception as err:
-        raise JobFailed(error_summary(err)) from err
+        raise JobFailed(error_summary(err)) from None  # the traceback is in the run's traceback.txt
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from fashion_sweep import plots
@@ -62,10 +63,10 @@ def child_runs(client: MlflowClient, parent: Run) -> list[Run]:
     return client.search_runs([parent.info.experiment_id], query, max_results=10_000)
 
 
-def swept_keys(runs: list[Run]) -> list[str]:
-    """The params whose values differ between the runs, learning rate first; [lr] if nothing differs."""
-    keys = sorted({k for r in runs for k in r.data.params})
-    varying = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1 and k != LR]
+def swept_keys(params: list[dict[str, str]]) -> list[str]:
+    """The params every run has and whose values differ between runs, learning rate first (always)."""
+    shared = sorted(set.intersection(*(set(p) for p in params))) if params else []
+    varying = [k for k in shared if len({p[k] for p in params}) > 1 and k != LR]
     return [LR, *varying]
 
 
@@ -121,7 +122,7 @@ def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def write_report(client: MlflowClient, parent: Run, out: Path) -> Report:
     """Read the sweep's child runs, write the four report files into out, return what was written."""
     runs = child_runs(client, parent)
-    swept = swept_keys(runs)
+    swept = swept_keys([r.data.params for r in runs])
     histories = {
         r.info.run_id: {
             m: [p.value for p in sorted(client.get_metric_history(r.info.run_id, m), key=lambda p: p.step)]
@@ -174,9 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     client = MlflowClient(uri)
     try:
         parent = find_parent(client, args.sweep)
-    except LookupError as err:
-        sys.exit(f"fashion-sweep-compare: {err} ({uri})")
-    report = write_report(client, parent, args.out or Path("reports") / parent.info.run_id)
+        report = write_report(client, parent, args.out or Path("reports") / parent.info.run_id)
+    except (LookupError, MlflowException, OSError) as err:
+        sys.exit(f"fashion-sweep-compare: {' '.join(str(err).split())} ({uri})")
     print(markdown(report.rows, [*report.swept, *TERMINAL_COLUMNS]))
     print(f"Report of sweep {parent.info.run_name} written to {report.files[0].parent}")
 

@@ -114,12 +114,12 @@ def download(url: str, folder: Path) -> None:
         os.replace(part.name, folder / name)
 
 
-def locate(dir: str | None, system_dir: str | None, cache_dir: str | None, url: str | None) -> Path:
+def locate(data_dir: str | None, system_dir: str | None, cache_dir: str | None, url: str | None) -> Path:
     """The folder holding verified files: data.dir if set, else the system copy, Keras' cache, a download."""
-    if dir is not None:
-        folder = Path(dir).expanduser()
+    if data_dir is not None:
+        folder = Path(data_dir).expanduser()
         if not folder.is_dir():
-            raise DataError(f"data.dir={dir} is not a directory; {HOW_TO_GET}")
+            raise DataError(f"data.dir={data_dir} is not a directory; {HOW_TO_GET}")
         verify(folder)
         return folder
     cache = Path(cache_dir).expanduser() if cache_dir else keras_cache_dir()

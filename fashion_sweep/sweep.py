@@ -1,6 +1,6 @@
 """Groups the jobs of a Hydra --multirun under one parent MLflow run, and closes it with the report.
 
-Owns the parent run's life (open at the start, always ended); the report itself is compare.py's.
+Owns the parent run's life (checked, opened before the first job, always ended); the report is compare.py's.
 """
 
 from __future__ import annotations
@@ -8,27 +8,50 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from hydra import compose
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from fashion_sweep import compare, tracking
-from fashion_sweep.train import PARENT_RUN_ENV
+from fashion_sweep.config import validate
 
 log = logging.getLogger(__name__)
+
+
+def job_overrides(config: DictConfig) -> Iterator[list[str]]:
+    """The overrides of each job of this multirun, expanded as Hydra's basic sweeper will expand them."""
+    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+    for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None):
+        yield from (list(job) for job in batch)
+
+
+def check_jobs(config: DictConfig) -> None:
+    """Compose and validate every job before any runs, so a bad value in the 5th job wastes no training."""
+    for overrides in job_overrides(config):
+        try:
+            validate(compose(config_name=config.hydra.job.config_name, overrides=overrides))
+        except Exception as err:
+            first_line = str(err).strip().splitlines()[0]
+            raise SystemExit(f"fashion-sweep: job {overrides} refused, nothing was run: {first_line}") from None
 
 
 class MlflowSweep(Callback):
     """Hydra callback: opens the parent run before any job and ends it, with the report, after the last.
 
-    Jobs find the parent through the environment variable PARENT_RUN_ENV, which joblib's worker processes
-    inherit. In hydra-core 1.3.8 a failed job makes the sweeper re-raise and on_multirun_end is never
-    called, so the parent is also closed at interpreter exit.
+    Jobs find the parent through the environment variable tracking.PARENT_RUN_ENV, which joblib's worker
+    processes inherit. In hydra-core 1.3.8 a failed job makes the sweeper re-raise and on_multirun_end is
+    never called, so the parent is also closed at interpreter exit.
     """
 
     def __init__(self) -> None:
@@ -37,14 +60,15 @@ class MlflowSweep(Callback):
         self.report_dir = Path()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not HydraConfig.initialized():
+            HydraConfig.instance().set_config(config)
+        check_jobs(config)
         try:
             self.open_parent(config)
-        except Exception as err:  # Hydra would only warn and run the jobs ungrouped
+        except Exception as err:  # Hydra would only warn, and run the jobs ungrouped; atexit ends the parent
             raise SystemExit(f"fashion-sweep: cannot open the sweep's parent MLflow run: {err}") from None
 
     def open_parent(self, config: DictConfig) -> None:
-        if not HydraConfig.initialized():
-            HydraConfig.instance().set_config(config)
         # Create the store and experiment once, here: joblib workers meeting a new SQLite store race on its tables.
         experiment_id = tracking.connect(config.tracking)
         self.uri = str(config.tracking.uri)
@@ -53,44 +77,57 @@ class MlflowSweep(Callback):
         name = f"{config.sweep_name} {datetime.now():%Y-%m-%d %H:%M:%S}"
         run = client.create_run(experiment_id, run_name=name, tags={"sweep_role": "parent"})
         self.parent_run_id = run.info.run_id
+        atexit.register(self.finish, completed=False)
         client.set_tag(self.parent_run_id, "sweep_id", self.parent_run_id)
         params = config.hydra.sweeper.get("params")
         sweep = {"overrides": list(config.hydra.overrides.task), "sweeper_params": params or {}}
         client.log_text(self.parent_run_id, OmegaConf.to_yaml(sweep), "sweep.yaml")
-        os.environ[PARENT_RUN_ENV] = self.parent_run_id
-        atexit.register(self.finish, completed=False)
+        os.environ[tracking.PARENT_RUN_ENV] = self.parent_run_id
         log.info("Sweep %r: parent MLflow run %s", name, self.parent_run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self.finish(completed=True)
+        if not self.finish(completed=True):
+            raise SystemExit(1)  # Hydra only warns about a callback's exceptions; the exit code must say it
 
-    def finish(self, completed: bool) -> None:
-        """Write the report to the parent run and end it: FINISHED, or FAILED/KILLED if a job crashed or stopped."""
+    def finish(self, completed: bool) -> bool:
+        """Write the report to the parent run and end it: FINISHED, or FAILED/KILLED if a job crashed or stopped.
+
+        Returns False if the report could not be written (the parent then ends FAILED).
+        """
         if self.parent_run_id is None:
-            return
+            return True
         run_id, self.parent_run_id = self.parent_run_id, None
         atexit.unregister(self.finish)
-        os.environ.pop(PARENT_RUN_ENV, None)
+        os.environ.pop(tracking.PARENT_RUN_ENV, None)
         client = MlflowClient(self.uri)
-        statuses: list[str] = []
+        status = "FAILED"
         try:
-            for child in compare.child_runs(client, client.get_run(run_id)):
-                if child.info.status == "RUNNING":  # its process died before it could end the run
-                    client.set_terminated(child.info.run_id, "KILLED")
-            report = compare.write_report(client, client.get_run(run_id), self.report_dir)
-            statuses = [row["status"] for row in report.rows]
-            for path in report.files:
-                client.log_artifact(run_id, str(path))
-            if report.best is not None:
-                client.log_param(run_id, "best_lr", report.best[compare.LR])
-                client.log_metric(run_id, "best_lr", float(report.best[compare.LR]))
-                client.log_metric(run_id, "best_val_loss", report.best["best_val_loss"])
-                client.log_metric(run_id, "best_test_accuracy", report.best["test_accuracy"])
-            print(compare.markdown(report.rows, [*report.swept, *compare.TERMINAL_COLUMNS]))
-            print(f"{compare.BEST_IS}.\nReport: {self.report_dir}  (also on MLflow run {run_id})")
-            print("Browse the runs: fashion-sweep-ui   (MLflow UI on http://127.0.0.1:5000)")
+            report = self.report(client, run_id)
+            status = sweep_status([row["status"] for row in report.rows], completed)
+        except Exception as err:
+            print(f"fashion-sweep: the sweep's report could not be written: {err}", file=sys.stderr)
+            return False
         finally:
-            client.set_terminated(run_id, sweep_status(statuses, completed))
+            client.set_terminated(run_id, status)
+        return True
+
+    def report(self, client: MlflowClient, run_id: str) -> compare.Report:
+        """End jobs whose process died, write the report, log it to the parent run and print it."""
+        for child in compare.child_runs(client, client.get_run(run_id)):
+            if child.info.status == "RUNNING":
+                client.set_terminated(child.info.run_id, "KILLED")
+        report = compare.write_report(client, client.get_run(run_id), self.report_dir)
+        for path in report.files:
+            client.log_artifact(run_id, str(path))
+        if report.best is not None:
+            client.log_param(run_id, "best_lr", report.best[compare.LR])
+            client.log_metric(run_id, "best_lr", float(report.best[compare.LR]))
+            client.log_metric(run_id, "best_val_loss", report.best["best_val_loss"])
+            client.log_metric(run_id, "best_test_accuracy", report.best["test_accuracy"])
+        print(compare.markdown(report.rows, [*report.swept, *compare.TERMINAL_COLUMNS]))
+        print(f"{compare.BEST_IS}.\nReport: {self.report_dir}  (also on MLflow run {run_id})")
+        print(f"Browse the runs: fashion-sweep-ui --tracking-uri {self.uri}   (http://127.0.0.1:5000)")
+        return report
 
 
 def sweep_status(child_statuses: list[str], completed: bool) -> str:

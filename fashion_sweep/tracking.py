@@ -5,6 +5,7 @@ Owns every write to MLflow made by a training job; reading runs back is compare.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -18,12 +19,13 @@ import keras
 import mlflow
 import numpy as np
 import tensorflow as tf
-from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+# A --multirun's parent run id, set by sweep.MlflowSweep for its jobs (joblib's worker processes inherit it).
+PARENT_RUN_ENV = "FASHION_SWEEP_PARENT_RUN_ID"
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
 
 
@@ -54,8 +56,10 @@ def error_summary(err: BaseException, limit: int = 300) -> str:
 
 
 @contextmanager
-def run(experiment_id: str, run_name: str, parent_run_id: str | None, tags: dict[str, str]) -> Iterator[str]:
-    """An active MLflow run that always ends: FINISHED, KILLED on Ctrl-C, FAILED (with the error) otherwise."""
+def run(experiment_id: str, run_name: str, tags: dict[str, str]) -> Iterator[str]:
+    """An active MLflow run, nested in the sweep's parent if any, that always ends: FINISHED, KILLED on
+    Ctrl-C, FAILED (with the error and traceback.txt) otherwise."""
+    parent_run_id = os.environ.get(PARENT_RUN_ENV)
     if parent_run_id:
         tags = {**tags, "sweep_id": parent_run_id}
     active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
@@ -112,8 +116,16 @@ class EpochMetrics(keras.callbacks.Callback):
         mlflow.log_metrics(metrics, step=epoch + 1)
 
 
-def log_figure(figure: Figure, name: str) -> None:
-    mlflow.log_figure(figure, name)
+def log_config(cfg: DictConfig, overrides: list[str]) -> None:
+    """The resolved config as dotted params and as config.yaml; the command-line overrides as overrides.yaml."""
+    mlflow.log_params(flat_params(cfg))
+    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    mlflow.log_text("".join(f"- {o}\n" for o in overrides) or "[]\n", "overrides.yaml")
+
+
+def log_data_source(folder: Path, sha256: dict[str, str]) -> None:
+    mlflow.set_tags({f"data_sha256.{name}": digest for name, digest in sha256.items()})
+    mlflow.set_tag("data_dir", str(folder))
 
 
 def log_model(model: keras.Model, example: np.ndarray) -> None:

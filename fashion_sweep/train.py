@@ -1,27 +1,24 @@
 """One training run: data, model and optimizer from the config, model.fit, a test evaluation, all recorded.
 
-Owns the order of a run; what MLflow records is tracking.py's, how figures look is plots.py's.
+Owns the order of a run and what it records when; the run's life in MLflow is tracking.py's, how figures
+look is plots.py's.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 
 import keras
 import mlflow
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fashion_sweep import data, plots, tracking
 from fashion_sweep.models import build_model
 from fashion_sweep.optimizers import build_optimizer
 
 log = logging.getLogger(__name__)
-
-# A --multirun's parent MLflow run id, set by sweep.MlflowSweep for the jobs (also in joblib worker processes).
-PARENT_RUN_ENV = "FASHION_SWEEP_PARENT_RUN_ID"
 
 
 class Diverged(Exception):
@@ -67,7 +64,7 @@ def train(cfg: DictConfig) -> float:
     if commit := tracking.git_commit():
         tags["git_commit"] = commit
     try:
-        with tracking.run(experiment_id, run_name(cfg), os.environ.get(PARENT_RUN_ENV), tags):
+        with tracking.run(experiment_id, run_name(cfg), tags):
             return fit_and_record(cfg)
     except Diverged as err:
         log.warning("%s diverged: %s", run_name(cfg), err)
@@ -76,14 +73,10 @@ def train(cfg: DictConfig) -> float:
 
 def fit_and_record(cfg: DictConfig) -> float:
     """Inside the active run: log the config, load data, fit, evaluate on the test set, log figures and model."""
-    mlflow.log_params(tracking.flat_params(cfg))
-    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    mlflow.log_text("".join(f"- {o}\n" for o in overrides) or "[]\n", "overrides.yaml")
-
+    tracking.log_config(cfg, list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [])
     split, dataset = load_split(cfg)
-    mlflow.set_tags({f"data_sha256.{name}": digest for name, digest in data.SHA256.items()})
-    mlflow.set_tag("data_dir", str(dataset.source))
+    tracking.log_data_source(dataset.source, data.SHA256)
+    keras.backend.clear_session()  # jobs of a sweep share this process: start each from a clean Keras state
     keras.utils.set_random_seed(cfg.trainer.seed)
     model = build_model(cfg.model)
     model.compile(
@@ -109,11 +102,9 @@ def fit_and_record(cfg: DictConfig) -> float:
     log.info("%s: test accuracy %.4f, test loss %.4f", run_name(cfg), test_accuracy, test_loss)
 
     predicted = model.predict(split.x_test, batch_size=1024, verbose=0).argmax(axis=1)
-    tracking.log_figure(plots.curves(history), "curves.png")
-    tracking.log_figure(plots.confusion_matrix(split.y_test, predicted, data.CLASS_NAMES), "confusion_matrix.png")
-    tracking.log_figure(
-        plots.misclassified(split.x_test, split.y_test, predicted, data.CLASS_NAMES), "misclassified.png"
-    )
+    mlflow.log_figure(plots.curves(history), "curves.png")
+    mlflow.log_figure(plots.confusion_matrix(split.y_test, predicted, data.CLASS_NAMES), "confusion_matrix.png")
+    mlflow.log_figure(plots.misclassified(split.x_test, split.y_test, predicted, data.CLASS_NAMES), "misclassified.png")
     if cfg.tracking.log_model:
         tracking.log_model(model, split.x_test[:8])
     return min(history["val_loss"])

@@ -15,9 +15,18 @@ from fashion_sweep.compare import default_tracking_uri
 
 def ui_command(tracking_uri: str, port: int) -> list[str]:
     """`mlflow ui` on 127.0.0.1 only; one worker is plenty for one user (four take ~2 GB)."""
-    mlflow = Path(sys.executable).parent / "mlflow"
-    return [str(mlflow), "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1", "--port", str(port),
-            "--workers", "1"]  # fmt: skip
+    mlflow_ui = [sys.executable, "-m", "mlflow", "ui"]
+    return [
+        *mlflow_ui,
+        "--backend-store-uri",
+        tracking_uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

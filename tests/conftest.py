@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from fashion_sweep import data
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).parents[1]
 # Small and fast: 1,000 real training images (900 train / 100 val), one epoch, no progress output.
 QUICK = ["data.train_size=1000", "trainer.epochs=1", "trainer.verbose=0"]
 

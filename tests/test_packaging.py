@@ -7,9 +7,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from tests.conftest import run_script
-
-ROOT = Path(__file__).parents[1]
+from tests.conftest import ROOT, run_script
 
 
 def test_wheel_carries_the_configs_and_hydra_finds_them(tmp_path: Path) -> None:
@@ -44,3 +42,10 @@ def test_help_lists_the_config_groups(tmp_path: Path) -> None:
     for line in ("model: cnn_bn, mlp, readme_cnn, seed_cnn", "optimizer: adam, adamw, rmsprop, sgd",
                  "experiment: lr_sweep, optimizer_sweep"):  # fmt: skip
         assert line in proc.stdout
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
+    proc = run_script("fashion-sweep", "--cfg", "job", "model=mlp", "optimizer.lr=0.01", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "name: mlp" in proc.stdout and "lr: 0.01" in proc.stdout
+    assert not (tmp_path / "mlruns").exists()  # printing the config runs nothing

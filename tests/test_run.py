@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fashion_sweep import data
-from tests.conftest import BIN, QUICK, all_runs, fashion_sweep, store_uri
+from tests.conftest import BIN, QUICK, ROOT, all_runs, fashion_sweep, store_uri
 
 EPOCH_METRICS = ["loss", "accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds"]
 ARTIFACTS = ["config.yaml", "overrides.yaml", "curves.png", "confusion_matrix.png", "misclassified.png"]
@@ -64,18 +64,21 @@ def test_run_logs_artifacts_tags_and_model(finished_run) -> None:
     overrides = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/overrides.yaml")
     assert "- optimizer.lr=0.002" in overrides
     tags = run.data.tags
-    assert tags["data_sha256.train-images-idx3-ubyte.gz"] == data.SHA256["train-images-idx3-ubyte.gz"]
+    source = Path(tags["data_dir"])
+    for name in data.SHA256:
+        assert tags[f"data_sha256.{name}"] == data.sha256(source / name)
     assert Path(tags["hydra_output_dir"]) == tmp / "outputs" / "run"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert tags.get("git_commit") == (head or None)
     (model,) = client.search_logged_models([run.info.experiment_id])
     assert model.source_run_id == run.info.run_id  # shown in the run's models tab
     assert [o.model_id for o in client.get_run(run.info.run_id).outputs.model_outputs] == [model.model_id]
 
 
 def test_logged_model_loads_and_predicts_probabilities(finished_run, fashion_dir: Path) -> None:
-    tmp, _, _ = finished_run
-    mlflow.set_tracking_uri(store_uri(tmp / "mlruns"))
-    (model,) = MlflowClient().search_logged_models([all_runs(tmp)[0].info.experiment_id])
-    loaded = mlflow.pyfunc.load_model(model.model_uri)
+    tmp, _, run = finished_run
+    (model,) = MlflowClient(store_uri(tmp / "mlruns")).search_logged_models([run.info.experiment_id])
+    loaded = mlflow.pyfunc.load_model(model.artifact_location)
     images = data.load(fashion_dir).x_test[:5].astype(np.float32) / 255.0
     probabilities = np.asarray(loaded.predict(images))
     assert probabilities.shape == (5, 10)
@@ -95,6 +98,21 @@ def test_logged_model_loads_and_predicts_probabilities(finished_run, fashion_dir
 )
 def test_bad_config_is_refused_before_any_run(tmp_path: Path, override: str, message: str) -> None:
     proc = fashion_sweep(tmp_path, *QUICK, override, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists() or all_runs(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        ("optimizer.lr=0.001,-1", "job ['optimizer.lr=-1'] refused, nothing was run: optimizer.lr=-1 is not allowed"),
+        ("model=seed_cnn,resnet", "job ['model=resnet'] refused, nothing was run: In 'config': Could not find"),
+    ],
+)
+def test_bad_job_in_a_multirun_is_refused_before_any_job_runs(tmp_path: Path, sweep: str, message: str) -> None:
+    proc = fashion_sweep(tmp_path, "--multirun", sweep, *QUICK, timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr

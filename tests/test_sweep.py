@@ -9,6 +9,7 @@ import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from fashion_sweep.compare import LR, rank, swept_keys
 from fashion_sweep.sweep import sweep_status
 from tests.conftest import QUICK, all_runs, fashion_sweep, run_script, store_uri
 
@@ -93,6 +94,7 @@ def test_diverging_lr_is_a_result_not_an_error(tmp_path: Path) -> None:
 def test_crashing_job_fails_the_sweep_but_not_the_others(tmp_path: Path) -> None:
     proc = fashion_sweep(tmp_path, "-m", "model.filters=[32],[8,8,8,8,8,8]", *QUICK, "tracking.log_model=false")
     assert proc.returncode != 0
+    assert "Error executing job with overrides: ['model.filters=[8,8,8,8,8,8]'" in proc.stderr
     assert "ValueError: Exception encountered when calling MaxPooling2D" in proc.stderr
     assert "Traceback" not in proc.stderr
     parent, children = parent_and_children(tmp_path)
@@ -104,6 +106,7 @@ def test_crashing_job_fails_the_sweep_but_not_the_others(tmp_path: Path) -> None
     assert "FAILED" in proc.stdout  # the table printed at the end says which job failed, and why
 
 
+@pytest.mark.slow
 def test_joblib_launcher_into_a_new_store_loses_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "mlruns").exists()
     joblib = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
@@ -140,3 +143,19 @@ def test_compare_errors_are_one_line(tmp_path: Path, lr_sweep) -> None:
 )
 def test_sweep_status_follows_its_jobs(statuses: list[str], completed: bool, expected: str) -> None:
     assert sweep_status(statuses, completed) == expected
+
+
+def test_swept_keys_are_the_shared_params_that_differ() -> None:
+    rmsprop = {LR: "0.001", "optimizer.name": "rmsprop", "optimizer.rho": "0.9", "trainer.epochs": "5"}
+    adam = {LR: "0.01", "optimizer.name": "adam", "optimizer.beta_1": "0.9", "trainer.epochs": "5"}
+    assert swept_keys([rmsprop, adam]) == [LR, "optimizer.name"]  # knobs only one optimizer has are not swept
+    assert swept_keys([rmsprop, rmsprop]) == [LR]
+
+
+def test_rank_puts_finished_runs_best_first_and_never_a_diverged_one_first() -> None:
+    def row(lr: str, best: float, status: str) -> dict:
+        return {LR: lr, "best_val_loss": best, "status": status, "run_id": lr}
+
+    rows = [row("0.1", 0.01, "DIVERGED"), row("0.001", 0.3, "FINISHED"), row("0.01", 0.2, "FINISHED"),
+            row("1e-05", float("nan"), "FAILED")]  # fmt: skip
+    assert [r[LR] for r in rank(rows)] == ["0.01", "0.001", "1e-05", "0.1"]

@@ -79,6 +79,7 @@ def test_ui_listens_on_loopback_only(ui) -> None:
     assert out.strip() and all("127.0.0.1:" in line for line in out.strip().splitlines())
 
 
+@pytest.mark.slow
 def test_browser_sees_the_sweeps_runs(ui, tmp_path: Path) -> None:
     assert CHROMIUM, "Chromium is missing: apt-get install chromium (.ci/run and `make test` install it)"
     url, store = ui
