@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from fashion_sweep.compare import LR, rank, swept_keys
 from fashion_sweep.sweep import sweep_status
-from tests.conftest import QUICK, all_runs, fashion_sweep, run_script, store_uri
+from tests.conftest import BIN, QUICK, all_runs, fashion_sweep, run_script, store_uri
 
 REPORT = ["lr_effect.png", "summary.csv", "summary.md", "val_curves.png"]
 
@@ -159,3 +161,26 @@ def test_rank_puts_finished_runs_best_first_and_never_a_diverged_one_first() -> 
     rows = [row("0.1", 0.01, "DIVERGED"), row("0.001", 0.3, "FINISHED"), row("0.01", 0.2, "FINISHED"),
             row("1e-05", float("nan"), "FAILED")]  # fmt: skip
     assert [r[LR] for r in rank(rows)] == ["0.01", "0.001", "1e-05", "0.1"]
+
+
+def test_ctrl_c_mid_sweep_ends_job_and_parent_killed_with_a_report(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [str(BIN / "fashion-sweep"), "--multirun", f"tracking.uri={store_uri(tmp_path / 'mlruns')}",
+         f"tracking.artifact_location={tmp_path / 'mlruns' / 'artifacts'}", f"hydra.sweep.dir={tmp_path}/multirun",
+         "optimizer.lr=0.001,0.002", "data.train_size=5000", "trainer.epochs=50", "trainer.verbose=2"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the first job's first epoch has ended: training is under way
+            if "val_loss" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in output
+    parent, children = parent_and_children(tmp_path)
+    assert [c.info.status for c in children] == ["KILLED"]  # the second job never started
+    assert parent.info.status == "KILLED"
+    assert [r["status"] for r in read_csv(tmp_path / "multirun" / "report" / "summary.csv")] == ["KILLED"]
