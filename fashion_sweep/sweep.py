@@ -38,12 +38,15 @@ def job_overrides(config: DictConfig) -> Iterator[list[str]]:
 
 def check_jobs(config: DictConfig) -> None:
     """Compose and validate every job before any runs, so a bad value in the 5th job wastes no training."""
-    for overrides in job_overrides(config):
+    jobs = list(job_overrides(config))
+    shared = set.intersection(*map(set, jobs)) if len(jobs) > 1 else set()
+    for overrides in jobs:
         try:
             validate(compose(config_name=config.hydra.job.config_name, overrides=overrides))
         except Exception as err:
+            swept = [o for o in overrides if o not in shared] or overrides
             first_line = str(err).strip().splitlines()[0]
-            raise SystemExit(f"fashion-sweep: job {overrides} refused, nothing was run: {first_line}") from None
+            raise SystemExit(f"fashion-sweep: job {swept} refused, nothing was run: {first_line}") from None
 
 
 class MlflowSweep(Callback):
