@@ -129,7 +129,8 @@ class MlflowSweep(Callback):
             client.log_metric(run_id, "best_test_accuracy", report.best["test_accuracy"])
         print(compare.markdown(report.rows, [*report.swept, *compare.TERMINAL_COLUMNS]))
         print(f"{compare.BEST_IS}.\nReport: {self.report_dir}  (also on MLflow run {run_id})")
-        print(f"Browse the runs: fashion-sweep-ui --tracking-uri {self.uri}   (http://127.0.0.1:5000)")
+        ui = Path(sys.executable).parent / "fashion-sweep-ui"  # next to this Python, e.g. .venv/bin/
+        print(f"Browse the runs: {ui} --tracking-uri {self.uri}   then open http://127.0.0.1:5000")
         return report
 
 
