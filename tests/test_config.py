@@ -59,6 +59,13 @@ def test_layer_sizes_come_from_the_yaml() -> None:
     assert [layer.units for layer in net.layers if hasattr(layer, "units")] == [48, 10]
 
 
+def test_readme_cnn_is_the_write_ups_wider_variant() -> None:
+    net = build_model(composed("model=readme_cnn").model)
+    kinds = [type(layer).__name__ for layer in net.layers]
+    assert kinds == ["Conv2D", "MaxPooling2D", "Dropout", "Flatten", "Dense", "Dropout", "Dense"]
+    assert net.layers[0].filters == 128 and net.layers[0].kernel_size == (3, 3) and net.layers[4].units == 128
+
+
 def test_sgd_has_nesterov_momentum() -> None:
     opt = build_optimizer(composed("optimizer=sgd").optimizer)
     assert opt.nesterov and opt.momentum == 0.9
