@@ -4,11 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PORT ?= 5000
+ARGS ?=  # extra Hydra overrides for `make sweep`, e.g. ARGS="data.train_size=2000 trainer.epochs=1"
 
 .PHONY: sweep test lint ui setup data browser clean
 
 sweep: setup data  ## the main job: the learning-rate sweep (experiment=lr_sweep) into ./mlruns
-	$(BIN)/fashion-sweep --multirun experiment=lr_sweep
+	$(BIN)/fashion-sweep --multirun experiment=lr_sweep $(ARGS)
 
 test: setup data browser  ## the whole test suite (real data, real MLflow, real Chromium)
 	$(BIN)/python -m pytest
