@@ -119,6 +119,23 @@ def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+Series = dict[str, tuple[list[float], list[float], list[float]]]
+
+
+def lr_series(rows: list[dict[str, Any]], swept: list[str]) -> Series:
+    """For plots.lr_effect: per combination of the other swept values, (lrs, final losses, final val_losses),
+    by learning rate; a run that did not finish gets an infinite loss (drawn as an x)."""
+    series: Series = {}
+    for row in sorted(rows, key=lambda r: float(r[LR] or "nan")):
+        label = ", ".join(f"{k}={row[k]}" for k in swept[1:])
+        lrs, train, val = series.setdefault(label, ([], [], []))
+        failed = row["status"] != "FINISHED"
+        lrs.append(float(row[LR] or "nan"))
+        train.append(math.inf if failed else row["final_loss"])
+        val.append(math.inf if failed else row["final_val_loss"])
+    return series
+
+
 def write_report(client: MlflowClient, parent: Run, out: Path) -> Report:
     """Read the sweep's child runs, write the four report files into out, return what was written."""
     runs = child_runs(client, parent)
@@ -142,16 +159,8 @@ def write_report(client: MlflowClient, parent: Run, out: Path) -> Report:
     title = f"# Sweep {parent.info.run_name} ({parent.info.run_id})\n\n{len(rows)} runs; {BEST_IS}.\n\n"
     (out / "summary.md").write_text(title + markdown(rows, columns))
 
-    series: dict[str, tuple[list[float], list[float], list[float]]] = {}
-    for row in sorted(rows, key=lambda r: float(r[LR] or "nan")):
-        label = ", ".join(f"{k}={row[k]}" for k in swept[1:])
-        lrs, train, val = series.setdefault(label, ([], [], []))
-        failed = row["status"] != "FINISHED"
-        lrs.append(float(row[LR]))
-        train.append(math.inf if failed else row["final_loss"])
-        val.append(math.inf if failed else row["final_val_loss"])
     best_lr = float(best[LR]) if best else None
-    plots.lr_effect(series, best_lr).savefig(out / "lr_effect.png", dpi=110)
+    plots.lr_effect(lr_series(rows, swept), best_lr).savefig(out / "lr_effect.png", dpi=110)
     labelled = {
         ", ".join(f"{k}={row[k]}" for k in swept) + f" ({row['status']})": histories[row["run_id"]] for row in rows
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import signal
 import subprocess
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from fashion_sweep.compare import LR, rank, swept_keys
+from fashion_sweep.compare import LR, lr_series, rank, swept_keys
 from fashion_sweep.sweep import sweep_status
 from tests.conftest import BIN, QUICK, all_runs, fashion_sweep, run_script, store_uri
 
@@ -185,3 +186,17 @@ def test_ctrl_c_mid_sweep_ends_job_and_parent_killed_with_a_report(tmp_path: Pat
     assert [c.info.status for c in children] == ["KILLED"]  # the second job never started
     assert parent.info.status == "KILLED"
     assert [r["status"] for r in read_csv(tmp_path / "multirun" / "report" / "summary.csv")] == ["KILLED"]
+
+
+def test_lr_series_groups_by_the_other_swept_values_and_marks_unfinished_runs() -> None:
+    def row(lr: str, name: str, status: str, loss: float) -> dict:
+        return {LR: lr, "optimizer.name": name, "status": status, "final_loss": loss, "final_val_loss": loss + 1}
+
+    rows = [
+        row("0.01", "adam", "FINISHED", 0.3),
+        row("0.001", "adam", "FINISHED", 0.2),
+        row("0.1", "sgd", "DIVERGED", 9),
+    ]
+    series = lr_series(rows, [LR, "optimizer.name"])
+    assert series["optimizer.name=adam"] == ([0.001, 0.01], [0.2, 0.3], [1.2, 1.3])
+    assert series["optimizer.name=sgd"] == ([0.1], [math.inf], [math.inf])
