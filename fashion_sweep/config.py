@@ -33,6 +33,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("optimizer.lr", lambda v: _number(v) and v > 0, "a number > 0"),
     ("trainer.epochs", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
     ("trainer.batch_size", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+    ("trainer.eval_batch_size", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
     ("trainer.seed", _whole, "a whole number"),
     ("trainer.diverge_loss", lambda v: _number(v) and v > 0, "a number > 0"),
     ("data.val_fraction", lambda v: _number(v) and 0 < v < 1, "a number between 0 and 1"),

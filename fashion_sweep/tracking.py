@@ -128,9 +128,9 @@ def log_data_source(folder: Path, sha256: dict[str, str]) -> None:
     mlflow.set_tag("data_dir", str(folder))
 
 
-def log_model(model: keras.Model, example: np.ndarray) -> None:
-    """Log model as an MLflow Keras model with its signature, linked to the active run."""
-    signature = infer_signature(example, model.predict(example, verbose=0))
+def log_model(model: keras.Model, example: np.ndarray, example_output: np.ndarray) -> None:
+    """Log model as an MLflow Keras model with the signature of example -> example_output, linked to the run."""
+    signature = infer_signature(example, example_output)
     # Explicit requirements: letting mlflow 3.17 infer them costs ~5 s per run; these are what loading needs.
     requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
     mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)

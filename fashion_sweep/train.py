@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import keras
 import mlflow
@@ -76,6 +77,7 @@ def fit_and_record(cfg: DictConfig) -> float:
     tracking.log_config(cfg, list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [])
     split, dataset = load_split(cfg)
     tracking.log_data_source(dataset.source, data.SHA256)
+    mlflow.log_params({"n_train": len(split.y_train), "n_val": len(split.y_val), "n_test": len(split.y_test)})
     keras.backend.clear_session()  # jobs of a sweep share this process: start each from a clean Keras state
     keras.utils.set_random_seed(cfg.trainer.seed)
     model = build_model(cfg.model)
@@ -84,27 +86,34 @@ def fit_and_record(cfg: DictConfig) -> float:
     )
 
     guard = DivergenceGuard(cfg.trainer.diverge_loss)
+    started = time.perf_counter()
     history = model.fit(
         split.x_train,
         split.y_train,
         batch_size=cfg.trainer.batch_size,
         epochs=cfg.trainer.epochs,
         validation_data=(split.x_val, split.y_val),
+        validation_batch_size=cfg.trainer.eval_batch_size,
         callbacks=[guard, tracking.EpochMetrics()],
         verbose=cfg.trainer.verbose,
     ).history
+    mlflow.log_metric("fit_seconds", time.perf_counter() - started)
     if guard.reason is not None:
         mlflow.set_tag("diverged", "true")
         raise Diverged(f"{guard.reason}; training stopped")
 
-    test_loss, test_accuracy = model.evaluate(split.x_test, split.y_test, batch_size=1024, verbose=0)
-    mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
+    started = time.perf_counter()
+    probabilities = model.predict(split.x_test, batch_size=cfg.trainer.eval_batch_size, verbose=0)
+    predicted = probabilities.argmax(axis=1)
+    test_loss = float(keras.ops.mean(keras.losses.sparse_categorical_crossentropy(split.y_test, probabilities)))
+    test_accuracy = float((predicted == split.y_test).mean())
+    test_seconds = time.perf_counter() - started
+    mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy, "test_seconds": test_seconds})
     log.info("%s: test accuracy %.4f, test loss %.4f", run_name(cfg), test_accuracy, test_loss)
 
-    predicted = model.predict(split.x_test, batch_size=1024, verbose=0).argmax(axis=1)
     mlflow.log_figure(plots.curves(history), "curves.png")
     mlflow.log_figure(plots.confusion_matrix(split.y_test, predicted, data.CLASS_NAMES), "confusion_matrix.png")
     mlflow.log_figure(plots.misclassified(split.x_test, split.y_test, predicted, data.CLASS_NAMES), "misclassified.png")
     if cfg.tracking.log_model:
-        tracking.log_model(model, split.x_test[:8])
+        tracking.log_model(model, split.x_test[:8], probabilities[:8])
     return min(history["val_loss"])

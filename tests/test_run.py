@@ -55,6 +55,16 @@ def test_run_logs_each_epoch_metric_once_per_epoch_and_test_metrics(finished_run
     assert run.data.metrics["lr"] == pytest.approx(0.002)
 
 
+def test_run_logs_its_data_sizes_and_time_inside_fit(finished_run) -> None:
+    tmp, _, run = finished_run
+    params, metrics = run.data.params, run.data.metrics
+    assert (params["n_train"], params["n_val"], params["n_test"]) == ("1800", "200", "10000")
+    epoch_seconds = MlflowClient(store_uri(tmp / "mlruns")).get_metric_history(run.info.run_id, "epoch_seconds")
+    run_seconds = (run.info.end_time - run.info.start_time) / 1000
+    assert sum(m.value for m in epoch_seconds) <= metrics["fit_seconds"] < run_seconds
+    assert 0 < metrics["test_seconds"] < run_seconds
+
+
 def test_run_logs_artifacts_tags_and_model(finished_run) -> None:
     tmp, _, run = finished_run
     client = MlflowClient(store_uri(tmp / "mlruns"))
