@@ -6,7 +6,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PORT ?= 5000
 ARGS ?=  # extra Hydra overrides for `make sweep`, e.g. ARGS="data.train_size=2000 trainer.epochs=1"
 
-.PHONY: sweep test lint ui setup data browser clean
+.PHONY: sweep test bench lint ui setup data browser clean
 
 sweep: setup data  ## the main job: the learning-rate sweep (experiment=lr_sweep) into ./mlruns
 	$(BIN)/fashion-sweep --multirun experiment=lr_sweep $(ARGS)
@@ -14,10 +14,13 @@ sweep: setup data  ## the main job: the learning-rate sweep (experiment=lr_sweep
 test: setup data browser  ## the whole test suite (real data, real MLflow, real Chromium)
 	$(BIN)/python -m pytest
 
+bench: setup data  ## the benchmarks (benchmarks/README.md): ~25 minutes, results in benchmarks/results/
+	$(BIN)/python -m benchmarks.run
+
 lint: setup  ## ruff and mypy, as CI runs them
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy fashion_sweep
+	$(BIN)/mypy fashion_sweep benchmarks
 
 ui: setup  ## the MLflow UI on ./mlruns at http://127.0.0.1:$(PORT)
 	$(BIN)/fashion-sweep-ui --port $(PORT)

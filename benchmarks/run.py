@@ -1,0 +1,346 @@
+"""fashion-sweep's benchmarks in one command: `python -m benchmarks.run` (about 25 minutes on 2 cores).
+
+Measures, each as a ratio or fraction within this one run (the machines are shared and noisy):
+1. throughput: training images/s of `fashion-sweep` vs benchmarks/baseline.py (plain Keras), interleaved;
+2. utilisation: seed_cnn's training FLOP/s (benchmarks/flops.py) over the best float32 matmul's FLOP/s;
+3. overhead: wall time of a whole run minus the time inside model.fit, for a 1- and a 20-epoch run;
+4. sweep scaling: wall time of a multirun of N = 1, 3, 6 jobs, per-job overhead, dataset decodes;
+5. memory: peak resident memory of one full run and of the 6-job multirun.
+Writes benchmarks/results/<date>.json and <date>.md. `--quick` runs everything in its smallest setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import tensorflow as tf
+from hydra import compose, initialize_config_module
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from benchmarks.flops import matmul_peak, training_flops_per_image
+from fashion_sweep.models import build_model
+
+HERE = Path(__file__).parent
+BIN = Path(sys.executable).parent
+SETTINGS: dict[str, dict[str, Any]] = {
+    "full": {
+        "repeats": 3,  # harness/baseline pairs of the throughput benchmark
+        "throughput_epochs": 2,  # the first is the warm-up
+        "train_size": None,  # all 54,000 training images (as the default run)
+        "overhead_epochs": [1, 20],
+        "sweep_jobs": [1, 3, 6],
+        "sweep_train_size": 2000,  # the small slice of the sweep-scaling benchmark
+        "matmul_sizes": (512, 1024, 2048, 4096),
+        "matmul_seconds": 4.0,  # per size: the best trial counts
+    },
+    "quick": {
+        "repeats": 1,
+        "throughput_epochs": 2,
+        "train_size": 1000,
+        "overhead_epochs": [1],
+        "sweep_jobs": [1, 2],
+        "sweep_train_size": 1000,
+        "matmul_sizes": (256, 512),
+        "matmul_seconds": 1.0,
+    },
+}
+SWEEP_RATES = [0.001, 0.0003, 0.003, 0.0001, 0.01, 0.00003]  # lrs of the sweep-scaling multiruns, in order
+TARGETS = {
+    "throughput_ratio": (">=", 1.0),
+    "utilisation": (">=", 0.5),
+    "overhead_fraction_longest": ("<=", 0.03),
+    "per_job_overhead_seconds": ("<=", 3.0),
+    "peak_rss_gb_one_run": ("<=", 3.0),
+}
+
+
+@dataclass
+class Finished:
+    """A child process that ended: exit code, wall seconds, peak resident memory, its output."""
+
+    returncode: int
+    wall_seconds: float
+    peak_rss_gb: float
+    stdout: str
+    stderr: str
+
+
+def timed(command: list[str], cwd: Path) -> Finished:
+    """Run command to its end; measure wall time and the child's own peak RSS (os.wait4's rusage)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen
+        out.seek(0), err.seek(0)
+        finished = Finished(proc.returncode, wall, usage.ru_maxrss / 1024**2, out.read(), err.read())
+    if finished.returncode != 0:
+        tail = "\n".join(finished.stderr.strip().splitlines()[-5:])
+        raise SystemExit(f"benchmark: {' '.join(command[:3])} ... failed ({finished.returncode}):\n{tail}")
+    return finished
+
+
+class Harness:
+    """`fashion-sweep` runs into one scratch MLflow store, one experiment per invocation."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.uri = f"sqlite:///{workdir / 'mlflow.db'}"
+        self.client = MlflowClient(self.uri)
+        self.invocations = 0
+
+    def run(self, *overrides: str, multirun: bool = False) -> tuple[Finished, list[Run]]:
+        """One invocation; returns the process and its job runs (a multirun's parent left out)."""
+        self.invocations += 1
+        experiment = f"bench-{self.invocations}"
+        command = [
+            str(BIN / "fashion-sweep"),
+            *(["--multirun"] if multirun else []),
+            f"tracking.uri={self.uri}",
+            f"tracking.artifact_location={self.workdir / 'artifacts'}",
+            f"tracking.experiment={experiment}",
+            f"hydra.run.dir={self.workdir}/outputs/{experiment}",
+            f"hydra.sweep.dir={self.workdir}/multirun/{experiment}",
+            "trainer.verbose=0",
+            *overrides,
+        ]
+        finished = timed(command, self.workdir)
+        exp = self.client.get_experiment_by_name(experiment)
+        runs = self.client.search_runs([exp.experiment_id]) if exp else []
+        return finished, [run for run in runs if run.data.tags.get("sweep_role") != "parent"]
+
+    def epoch_seconds(self, run: Run) -> list[float]:
+        history = self.client.get_metric_history(run.info.run_id, "epoch_seconds")
+        return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+
+def images_per_second(train_images: int, epoch_seconds: list[float]) -> float:
+    """Training images per second over the epochs after the first (the warm-up)."""
+    measured = epoch_seconds[1:] or epoch_seconds
+    return train_images / statistics.mean(measured)
+
+
+def size_overrides(train_size: int | None) -> list[str]:
+    return [] if train_size is None else [f"data.train_size={train_size}"]
+
+
+def throughput(harness: Harness, s: dict[str, Any]) -> dict[str, Any]:
+    """Baseline and harness interleaved (A B A B ...), same data, same epochs; median of the pair ratios."""
+    pairs = []
+    for _ in range(s["repeats"]):
+        size = [] if s["train_size"] is None else ["--train-size", str(s["train_size"])]
+        base = timed([sys.executable, str(HERE / "baseline.py"), "--epochs", str(s["throughput_epochs"]), *size], HERE)
+        base_result = json.loads(base.stdout.strip().splitlines()[-1])
+        _, runs = harness.run(f"trainer.epochs={s['throughput_epochs']}", *size_overrides(s["train_size"]))
+        (run,) = runs
+        pairs.append(
+            {
+                "baseline_images_per_s": images_per_second(base_result["train_images"], base_result["epoch_seconds"]),
+                "harness_images_per_s": images_per_second(int(run.data.params["n_train"]), harness.epoch_seconds(run)),
+            }
+        )
+    ratios = [p["harness_images_per_s"] / p["baseline_images_per_s"] for p in pairs]
+    return {
+        "pairs": pairs,
+        "ratio_median": statistics.median(ratios),
+        "harness_images_per_s_median": statistics.median(p["harness_images_per_s"] for p in pairs),
+        "baseline_images_per_s_median": statistics.median(p["baseline_images_per_s"] for p in pairs),
+    }
+
+
+def utilisation(harness_images_per_s: float, matmul_sizes: tuple[int, ...], seconds: float) -> dict[str, Any]:
+    """seed_cnn's training FLOP/s at the measured throughput, as a fraction of the matmul peak."""
+    with initialize_config_module("fashion_sweep.conf", version_base="1.3"):
+        model = build_model(compose("config").model)
+    flops = training_flops_per_image(model)
+    per_size = matmul_peak(matmul_sizes, seconds)
+    peak = max(per_size.values())
+    return {
+        "training_flops_per_image": flops,
+        "matmul_gflops_by_size": {size: value / 1e9 for size, value in per_size.items()},
+        "matmul_peak_gflops": peak / 1e9,
+        "training_gflops": flops * harness_images_per_s / 1e9,
+        "fraction_of_peak": flops * harness_images_per_s / peak,
+    }
+
+
+def overhead(harness: Harness, s: dict[str, Any]) -> list[dict[str, Any]]:
+    """Whole-run wall time minus time inside model.fit (logged by the harness as fit_seconds)."""
+    rows = []
+    for epochs in s["overhead_epochs"]:
+        finished, (run,) = harness.run(f"trainer.epochs={epochs}", *size_overrides(s["train_size"]))
+        fit = run.data.metrics["fit_seconds"]
+        rows.append(
+            {
+                "epochs": epochs,
+                "wall_seconds": finished.wall_seconds,
+                "fit_seconds": fit,
+                "overhead_seconds": finished.wall_seconds - fit,
+                "overhead_fraction": (finished.wall_seconds - fit) / finished.wall_seconds,
+                "test_seconds": run.data.metrics["test_seconds"],  # part of the overhead: predicting 10,000 images
+                "peak_rss_gb": finished.peak_rss_gb,
+                "test_accuracy": run.data.metrics.get("test_accuracy"),
+            }
+        )
+    return rows
+
+
+def sweep_scaling(harness: Harness, s: dict[str, Any]) -> list[dict[str, Any]]:
+    """Multiruns of N jobs (small slice, 1 epoch): wall time, per-job overhead, how often data was decoded."""
+    rows = []
+    for n in s["sweep_jobs"]:
+        rates = ",".join(map(str, SWEEP_RATES[:n]))
+        finished, runs = harness.run(
+            f"optimizer.lr={rates}", "trainer.epochs=1", f"data.train_size={s['sweep_train_size']}", multirun=True
+        )
+        job_overheads = [(r.info.end_time - r.info.start_time) / 1000 - r.data.metrics["fit_seconds"] for r in runs]
+        rows.append(
+            {
+                "jobs": n,
+                "wall_seconds": finished.wall_seconds,
+                "per_job_overhead_seconds": statistics.mean(job_overheads),
+                "per_job_test_seconds": statistics.mean(r.data.metrics["test_seconds"] for r in runs),
+                "dataset_decodes": (finished.stdout + finished.stderr).count("Decoded Fashion-MNIST"),
+                "peak_rss_gb": finished.peak_rss_gb,
+            }
+        )
+    first = rows[0]
+    for row in rows:
+        row["wall_seconds_per_added_job"] = (
+            (row["wall_seconds"] - first["wall_seconds"]) / (row["jobs"] - first["jobs"]) if row is not first else None
+        )
+    return rows
+
+
+def machine() -> dict[str, Any]:
+    cpuinfo = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+    cpu, flags = cpuinfo.get("model name\t", "?").strip(), cpuinfo.get("flags\t\t", "").split()
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1),
+        "simd": [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags],
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "mlflow": mlflow.__version__,
+    }
+
+
+def verdicts(results: dict[str, Any]) -> dict[str, Any]:
+    """Each target of the issue, the value measured and whether it is met."""
+    values = {
+        "throughput_ratio": results["throughput"]["ratio_median"],
+        "utilisation": results["utilisation"]["fraction_of_peak"],
+        "overhead_fraction_longest": results["overhead"][-1]["overhead_fraction"],
+        "per_job_overhead_seconds": max(r["per_job_overhead_seconds"] for r in results["sweep_scaling"]),
+        "peak_rss_gb_one_run": max(r["peak_rss_gb"] for r in results["overhead"]),
+    }
+    out = {}
+    for name, (op, target) in TARGETS.items():
+        value = values[name]
+        met = value >= target if op == ">=" else value <= target
+        out[name] = {"value": value, "target": f"{op} {target}", "met": met}
+    return out
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as short markdown tables."""
+    m, t, u = results["machine"], results["throughput"], results["utilisation"]
+    lines = [
+        f"Measured {results['date']} ({results['setting']} setting, {results['wall_minutes']:.1f} min) on "
+        f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB, SIMD {'/'.join(m['simd'])}; "
+        f"TensorFlow {m['tensorflow']}, Keras {m['keras']}, MLflow {m['mlflow']}.",
+        "",
+    ]
+    targets = results["targets"].items()
+    lines += table(
+        ["target", "measured", "target", "met"],
+        [[name, f"{v['value']:.3g}", v["target"], "yes" if v["met"] else "no"] for name, v in targets],
+    )
+    lines += [
+        "",
+        f"Throughput (median of {len(t['pairs'])} interleaved pairs): harness {t['harness_images_per_s_median']:.0f} "
+        f"images/s, plain Keras {t['baseline_images_per_s_median']:.0f} images/s, ratio {t['ratio_median']:.2f}. "
+        f"Utilisation: {u['training_flops_per_image'] / 1e6:.1f} MFLOP per training image x throughput = "
+        f"{u['training_gflops']:.1f} GFLOP/s of the best float32 matmul's {u['matmul_peak_gflops']:.1f} GFLOP/s "
+        f"({u['fraction_of_peak']:.0%}).",
+        "",
+    ]
+    lines += table(
+        ["run", "wall s", "in model.fit s", "overhead s", "of it, test set s", "overhead", "peak RSS GB", "test acc"],
+        [
+            [f"{r['epochs']} epoch(s)", f"{r['wall_seconds']:.1f}", f"{r['fit_seconds']:.1f}"]
+            + [f"{r['overhead_seconds']:.1f}", f"{r['test_seconds']:.1f}", f"{r['overhead_fraction']:.1%}"]
+            + [f"{r['peak_rss_gb']:.2f}", f"{r['test_accuracy']:.4f}"]
+            for r in results["overhead"]
+        ],
+    )
+    lines.append("")
+    lines += table(
+        ["multirun jobs", "wall s", "s per added job", "per-job overhead s", "of it, test set s", "decodes", "RSS GB"],
+        [
+            [str(r["jobs"]), f"{r['wall_seconds']:.1f}"]
+            + ["" if r["wall_seconds_per_added_job"] is None else f"{r['wall_seconds_per_added_job']:.1f}"]
+            + [f"{r['per_job_overhead_seconds']:.1f}", f"{r['per_job_test_seconds']:.1f}", str(r["dataset_decodes"])]
+            + [f"{r['peak_rss_gb']:.2f}"]
+            for r in results["sweep_scaling"]
+        ],
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smallest setting: checks the benchmarks still run")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for <date>.json and <date>.md")
+    args = parser.parse_args()
+    setting = "quick" if args.quick else "full"
+    s = SETTINGS[setting]
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fashion-sweep-bench-") as tmp:
+        harness = Harness(Path(tmp))
+        results: dict[str, Any] = {"date": date.today().isoformat(), "setting": setting, "settings": s}
+        results["machine"] = machine()
+        print("throughput: plain Keras vs fashion-sweep, interleaved ...", flush=True)
+        results["throughput"] = throughput(harness, s)
+        print("utilisation: FLOPs and matmul peak ...", flush=True)
+        results["utilisation"] = utilisation(
+            results["throughput"]["harness_images_per_s_median"], s["matmul_sizes"], s["matmul_seconds"]
+        )
+        print(f"overhead: {s['overhead_epochs']}-epoch runs ...", flush=True)
+        results["overhead"] = overhead(harness, s)
+        print(f"sweep scaling: multiruns of {s['sweep_jobs']} jobs ...", flush=True)
+        results["sweep_scaling"] = sweep_scaling(harness, s)
+    results["wall_minutes"] = (time.perf_counter() - started) / 60
+    results["targets"] = verdicts(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / results["date"]
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+    print(f"written: {stem}.json, {stem}.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The benchmarks still run and write well-formed results (their smallest setting); FLOPs are counted right.
+
+Timings are never asserted here: they belong to `python -m benchmarks.run` on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+from keras import layers
+
+from benchmarks.flops import forward_macs, training_flops_per_image
+from tests.conftest import ROOT
+
+
+def test_flops_count_dense_layers_from_their_shapes() -> None:
+    model = keras.Sequential([keras.Input((3,)), layers.Dense(2), layers.Dropout(0.5), layers.Dense(4)])
+    assert [forward_macs(layer) for layer in model.layers] == [6, 0, 8]
+    # first layer: forward + weight gradient (2x); the next: forward + weight and input gradients (3x)
+    assert training_flops_per_image(model) == 2 * (2 * 6 + 3 * 8)
+
+
+def test_flops_count_a_same_padded_conv_layer_per_output_pixel() -> None:
+    model = keras.Sequential([keras.Input((5, 5, 2)), layers.Conv2D(4, 3, padding="same"), layers.MaxPooling2D()])
+    assert forward_macs(model.layers[0]) == 5 * 5 * 4 * (3 * 3 * 2)
+    assert forward_macs(model.layers[1]) == 0
+
+
+def test_benchmarks_run_in_their_smallest_setting_and_write_results(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (json_file,) = tmp_path.glob("*.json")
+    results = json.loads(json_file.read_text())
+    assert results["setting"] == "quick"
+
+    (pair,) = results["throughput"]["pairs"]
+    assert pair["harness_images_per_s"] > 0 and pair["baseline_images_per_s"] > 0
+    assert results["utilisation"]["training_flops_per_image"] > 0
+    assert 0 < results["utilisation"]["fraction_of_peak"] < math.inf
+    assert [r["epochs"] for r in results["overhead"]] == [1]
+    for row in results["overhead"]:
+        assert 0 < row["fit_seconds"] < row["wall_seconds"] and 0 < row["overhead_fraction"] < 1
+        assert row["peak_rss_gb"] > 0.1 and 0 < row["test_accuracy"] <= 1
+    assert [r["jobs"] for r in results["sweep_scaling"]] == [1, 2]
+    assert all(r["dataset_decodes"] == 1 for r in results["sweep_scaling"])  # once per process, not per job
+    assert all(r["per_job_overhead_seconds"] > 0 for r in results["sweep_scaling"])
+    assert set(results["targets"]) == {
+        "throughput_ratio", "utilisation", "overhead_fraction_longest", "per_job_overhead_seconds",
+        "peak_rss_gb_one_run",
+    }  # fmt: skip
+    assert all(isinstance(t["met"], bool) for t in results["targets"].values())
+
+    table = json_file.with_suffix(".md").read_text()
+    assert "| throughput_ratio |" in table and "| 1 epoch(s) |" in table and "| multirun jobs |" in table
+
+
+def test_options_benchmark_runs_an_option_against_plain_keras(tmp_path: Path) -> None:
+    command = ["-m", "benchmarks.options", "--options", "eval_batch_1024", "--pairs", "1", "--epochs", "1"]
+    proc = subprocess.run(
+        [sys.executable, *command, "--train-size", "500", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (table,) = tmp_path.glob("*-options.md")
+    (row,) = [line for line in table.read_text().splitlines() if line.startswith("| eval_batch_1024 |")]
+    plain, option, ratio = (float(cell) for cell in row.strip("| ").split(" | ")[2:])
+    assert plain > 0 and option > 0 and ratio > 0
