@@ -12,13 +12,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from datetime import date
 from pathlib import Path
 from typing import Any
 
-from benchmarks.run import images_per_second
+from benchmarks.run import images_per_second, timed
 
 OPTIONS = {
     "plain": "the baseline as it is",
@@ -46,13 +45,8 @@ def train_once(option: str, epochs: int, train_size: int | None) -> dict[str, An
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     split = load_split(train_size)
     keras.utils.set_random_seed(42)
-    model = reference_model()
-    model.compile(
-        optimizer=keras.optimizers.RMSprop(learning_rate=0.001),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-        steps_per_execution=16 if option == "steps_per_execution_16" else 1,
-        jit_compile=option == "xla",
+    model = reference_model(
+        steps_per_execution=16 if option == "steps_per_execution_16" else 1, jit_compile=option == "xla"
     )
     timer = EpochTimer()
     fit: dict[str, Any] = {"epochs": epochs, "callbacks": [timer], "verbose": 0}
@@ -74,8 +68,7 @@ def measure(option: str, epochs: int, train_size: int | None) -> float:
     env = {**os.environ, **({"TF_ENABLE_ONEDNN_OPTS": "0"} if option == "onednn_off" else {})}
     size = [] if train_size is None else ["--train-size", str(train_size)]
     command = [sys.executable, "-m", "benchmarks.options", "--one", option, "--epochs", str(epochs), *size]
-    out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
-    result = json.loads(out.strip().splitlines()[-1])
+    result = json.loads(timed(command, Path.cwd(), env).stdout.strip().splitlines()[-1])
     return images_per_second(result["train_images"], result["epoch_seconds"])
 
 

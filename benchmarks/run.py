@@ -80,11 +80,11 @@ class Finished:
     stderr: str
 
 
-def timed(command: list[str], cwd: Path) -> Finished:
+def timed(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> Finished:
     """Run command to its end; measure wall time and the child's own peak RSS (os.wait4's rusage)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started = time.perf_counter()
-        proc = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=err, text=True, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen

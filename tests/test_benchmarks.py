@@ -18,6 +18,12 @@ from benchmarks.flops import forward_macs, training_flops_per_image
 from tests.conftest import ROOT
 
 
+def run_module(module: str, *args: str) -> None:
+    """`python -m module args` from the project root; fails the test with the end of its stderr."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_flops_count_dense_layers_from_their_shapes() -> None:
     model = keras.Sequential([keras.Input((3,)), layers.Dense(2), layers.Dropout(0.5), layers.Dense(4)])
     assert [forward_macs(layer) for layer in model.layers] == [6, 0, 8]
@@ -32,14 +38,7 @@ def test_flops_count_a_same_padded_conv_layer_per_output_pixel() -> None:
 
 
 def test_benchmarks_run_in_their_smallest_setting_and_write_results(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_module("benchmarks.run", "--quick", "--out", str(tmp_path))
     (json_file,) = tmp_path.glob("*.json")
     results = json.loads(json_file.read_text())
     assert results["setting"] == "quick"
@@ -66,15 +65,8 @@ def test_benchmarks_run_in_their_smallest_setting_and_write_results(tmp_path: Pa
 
 
 def test_options_benchmark_runs_an_option_against_plain_keras(tmp_path: Path) -> None:
-    command = ["-m", "benchmarks.options", "--options", "eval_batch_1024", "--pairs", "1", "--epochs", "1"]
-    proc = subprocess.run(
-        [sys.executable, *command, "--train-size", "500", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    options = ["--options", "eval_batch_1024", "--pairs", "1", "--epochs", "1", "--train-size", "500"]
+    run_module("benchmarks.options", *options, "--out", str(tmp_path))
     (table,) = tmp_path.glob("*-options.md")
     (row,) = [line for line in table.read_text().splitlines() if line.startswith("| eval_batch_1024 |")]
     plain, option, ratio = (float(cell) for cell in row.strip("| ").split(" | ")[2:])

@@ -112,6 +112,7 @@ def test_optimizer_sweep_crosses_the_rates_with_three_optimizers() -> None:
         ("optimizer.lr=fast", r"optimizer.lr='fast' is not allowed"),
         ("trainer.epochs=0", r"trainer.epochs=0 is not allowed: expected a whole number >= 1"),
         ("trainer.batch_size=0", r"trainer.batch_size=0 is not allowed"),
+        ("trainer.eval_batch_size=0", r"trainer.eval_batch_size=0 is not allowed: expected a whole number >= 1"),
         ("data.val_fraction=1.5", r"data.val_fraction=1.5 is not allowed"),
     ],
 )
