@@ -1,6 +1,7 @@
 """The `fashion-sweep` console script: a Hydra app over conf/config.yaml that trains one run per job.
 
-Owns what the shell sees: config checks before work, one-line errors, exit codes, Ctrl-C and SIGTERM.
+Owns what the shell sees: checks before work, one-line errors, exit codes, Ctrl-C and SIGTERM. TensorFlow and
+MLflow are imported only once a job runs, so `--help` and `--cfg job` answer at once.
 """
 
 from __future__ import annotations
@@ -10,13 +11,10 @@ import sys
 from types import FrameType
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig
-
-from fashion_sweep.config import validate
-from fashion_sweep.data import DataError
-from fashion_sweep.tracking import error_summary
-from fashion_sweep.train import train
 
 
 class JobFailed(CompactHydraException):
@@ -25,17 +23,31 @@ class JobFailed(CompactHydraException):
 
 @hydra.main(version_base="1.3", config_path="pkg://fashion_sweep.conf", config_name="config")
 def app(cfg: DictConfig) -> float:
-    validate(cfg)
+    from fashion_sweep import backend, config
+
+    backend.import_tensorflow()
+    from fashion_sweep import tracking
+    from fashion_sweep.train import train
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.RUN:  # a --multirun checked every job, its data and store before the first
+        config.check_launch(cfg, hydra_cfg.runtime.choices)
     try:
         return train(cfg)
-    except DataError as err:
-        raise JobFailed(str(err)) from None
     except Exception as err:
-        raise JobFailed(error_summary(err)) from None  # the traceback is in the run's traceback.txt
+        raise JobFailed(tracking.error_summary(err)) from None  # the traceback is in the run's traceback.txt
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # SIGTERM ends the run as KILLED, like Ctrl-C
+
+
+def interrupted_message() -> str:
+    tracking = sys.modules.get("fashion_sweep.tracking")  # imported only if a job got that far
+    run_id = getattr(tracking, "last_run_id", None)
+    if run_id is None:
+        return "fashion-sweep: interrupted before any run started"
+    return f"fashion-sweep: interrupted; run {run_id} is marked KILLED in MLflow (fashion-sweep-resume continues it)"
 
 
 def main() -> None:
@@ -43,7 +55,7 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        print("fashion-sweep: interrupted; the run is marked KILLED in MLflow", file=sys.stderr)
+        print(interrupted_message(), file=sys.stderr)
         sys.exit(130)
 
 

@@ -1,18 +1,24 @@
 """Checks a composed config before anything runs: one message naming the key, the value and what is allowed.
 
-Owns the rules Hydra's composition cannot express (ranges, positive numbers); it reads, never changes, the config.
+Owns the rules Hydra's composition cannot express: every group's keys are the keys of its option's YAML (a
+closed schema), numbers are finite and in range, the model and optimizer build. It reads, never changes, the
+config.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+import math
+from collections.abc import Callable, Iterator, Mapping
+from importlib import resources
 from typing import Any
 
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
-from fashion_sweep.models import BUILDERS
-from fashion_sweep.optimizers import OPTIMIZERS
+MODELS = ("seed_cnn", "readme_cnn", "cnn_bn", "mlp")  # models.BUILDERS, named here so --help needs no Keras
+OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd")  # optimizers.OPTIMIZERS
+GROUPS = ("data", "model", "optimizer", "trainer", "tracking")  # the groups whose options are plain YAML schemas
 
 
 class ConfigError(CompactHydraException):
@@ -27,23 +33,129 @@ def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _rate(value: Any) -> bool:
+    return _number(value) and 0 <= value < 1
+
+
+def _sizes(value: Any) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(_whole(v) and v >= 1 for v in value)
+
+
+# (key, rule, what is allowed); a key that the chosen option does not have is not checked.
 RULES: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("model.name", lambda v: v in BUILDERS, f"one of {sorted(BUILDERS)}"),
+    ("model.name", lambda v: v in MODELS, f"one of {sorted(MODELS)}"),
+    ("model.filters", _sizes, "a non-empty list of whole numbers >= 1"),
+    ("model.hidden_units", _sizes, "a non-empty list of whole numbers >= 1"),
+    ("model.dense_units", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+    ("model.conv_dropout", _rate, "a rate in [0, 1)"),
+    ("model.dense_dropout", _rate, "a rate in [0, 1)"),
+    ("model.dropout", _rate, "a rate in [0, 1)"),
     ("optimizer.name", lambda v: v in OPTIMIZERS, f"one of {sorted(OPTIMIZERS)}"),
     ("optimizer.lr", lambda v: _number(v) and v > 0, "a number > 0"),
+    ("optimizer.rho", _rate, "a number in [0, 1)"),
+    ("optimizer.beta_1", _rate, "a number in [0, 1)"),
+    ("optimizer.beta_2", _rate, "a number in [0, 1)"),
+    ("optimizer.momentum", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    ("optimizer.epsilon", lambda v: _number(v) and v > 0, "a number > 0"),
+    ("optimizer.weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0"),
     ("trainer.epochs", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
     ("trainer.batch_size", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
     ("trainer.eval_batch_size", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
-    ("trainer.seed", _whole, "a whole number"),
+    ("trainer.seed", lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
     ("trainer.diverge_loss", lambda v: _number(v) and v > 0, "a number > 0"),
     ("data.val_fraction", lambda v: _number(v) and 0 < v < 1, "a number between 0 and 1"),
     ("data.train_size", lambda v: v is None or (_whole(v) and 100 <= v <= 60000), "null or 100..60000"),
 ]
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first key that breaks its rule."""
+def option_keys(group: str, option: str) -> list[str] | None:
+    """The keys of conf/<group>/<option>.yaml as shipped: that option's schema (None for an option of the user's)."""
+    path = resources.files("fashion_sweep.conf").joinpath(group, f"{option}.yaml")
+    return list(OmegaConf.load(str(path)).keys()) if path.is_file() else None
+
+
+def root_keys() -> list[str]:
+    path = resources.files("fashion_sweep.conf").joinpath("config.yaml")
+    return [str(k) for k in OmegaConf.load(str(path)) if k not in ("defaults", "hydra")]
+
+
+def check_keys(cfg: DictConfig, choices: Mapping[str, Any]) -> None:
+    """Refuse a key that the chosen option's YAML does not have (a typo, or a `+key=value` nobody reads)."""
+    known = {"": [*root_keys(), *GROUPS]}
+    for group in GROUPS:
+        keys = option_keys(group, str(choices.get(group)))
+        if keys is not None:
+            known[group] = keys
+    for prefix, keys in known.items():
+        node = cfg.get(prefix) if prefix else cfg
+        for key in node.keys() if isinstance(node, DictConfig) else []:
+            if key not in keys:
+                name = f"{prefix}.{key}" if prefix else str(key)
+                where = f"{prefix}={choices.get(prefix)}" if prefix else "the config"
+                close = difflib.get_close_matches(str(key), keys, n=1)
+                hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+                raise ConfigError(f"{name} is not a key of {where} (its keys: {', '.join(keys)}){hint}")
+
+
+def leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf; list items as key[i]."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from leaves(value, f"{prefix}{key}.")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from leaves(value, f"{prefix.rstrip('.')}[{i}].")
+    else:
+        yield prefix.rstrip("."), node
+
+
+def check_finite(cfg: DictConfig) -> None:
+    for key, value in leaves(OmegaConf.to_container(cfg, resolve=False)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} is not allowed: numbers must be finite")
+
+
+def check_rules(cfg: DictConfig) -> None:
     for key, ok, allowed in RULES:
+        group, _, name = key.partition(".")
+        if name not in cfg[group]:
+            continue
         value = OmegaConf.select(cfg, key)
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value)
         if not ok(value):
             raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+
+
+def check_builds(cfg: DictConfig) -> None:
+    """Build the model and the optimizer once, without training: what their constructors refuse is refused here."""
+    from fashion_sweep.models import build_model  # Keras: imported only where a job needs it
+    from fashion_sweep.optimizers import build_optimizer
+
+    for group, build in (("model", build_model), ("optimizer", build_optimizer)):
+        try:
+            build(cfg[group])
+        except Exception as err:  # Keras raises ValueError, TypeError, ... with multi-line messages
+            first_line = " ".join(str(err).split())[:300]
+            raise ConfigError(f"{group}={cfg[group].name} cannot be built from this config: {first_line}") from None
+
+
+def validate(cfg: DictConfig, choices: Mapping[str, Any], build: bool = True) -> None:
+    """Raise ConfigError for the first key that breaks a rule: unknown, not finite, out of range, not buildable."""
+    check_keys(cfg, choices)
+    check_finite(cfg)
+    check_rules(cfg)
+    if build:
+        check_builds(cfg)
+
+
+def check_launch(cfg: DictConfig, choices: Mapping[str, Any]) -> None:
+    """All that is refused before a run exists: the config, then the data (located and verified), then the store."""
+    from fashion_sweep import data, tracking
+
+    validate(cfg, choices)
+    try:
+        data.locate_once(cfg.data.dir, cfg.data.system_dir, cfg.data.cache_dir, cfg.data.url)
+        tracking.check_store(str(cfg.tracking.uri), cfg.tracking.artifact_location)
+    except (data.DataError, tracking.StoreError) as err:
+        raise ConfigError(str(err)) from None

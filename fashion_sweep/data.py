@@ -137,6 +137,12 @@ def locate(data_dir: str | None, system_dir: str | None, cache_dir: str | None, 
     return cache
 
 
+@functools.lru_cache(maxsize=4)
+def locate_once(data_dir: str | None, system_dir: str | None, cache_dir: str | None, url: str | None) -> Path:
+    """locate(), checked once per process: a launch verifies the files before its first job, its jobs reuse that."""
+    return locate(data_dir, system_dir, cache_dir, url)
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Decode one gzipped IDX file of unsigned bytes into an array of the shape its header gives."""
     with gzip.open(path, "rb") as f:

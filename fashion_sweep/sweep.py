@@ -8,10 +8,12 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from hydra import compose
@@ -20,10 +22,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fashion_sweep import compare, tracking
-from fashion_sweep.config import validate
+from fashion_sweep import backend, compare
+from fashion_sweep.config import check_launch, validate
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +39,23 @@ def job_overrides(config: DictConfig) -> Iterator[list[str]]:
 
 
 def check_jobs(config: DictConfig) -> None:
-    """Compose and validate every job before any runs, so a bad value in the 5th job wastes no training."""
+    """Check every job before any runs (its config, and once each its data and store), so a bad value in the
+    5th job wastes no training and leaves nothing in the store."""
     jobs = list(job_overrides(config))
     shared = set.intersection(*map(set, jobs)) if len(jobs) > 1 else set()
+    checked: set[str] = set()
     for overrides in jobs:
         try:
-            validate(compose(config_name=config.hydra.job.config_name, overrides=overrides))
+            job = compose(config_name=config.hydra.job.config_name, overrides=overrides, return_hydra_config=True)
+            with open_dict(job):
+                choices = job.hydra.runtime.choices
+                del job["hydra"]
+            launch = OmegaConf.to_yaml(OmegaConf.masked_copy(job, ["data", "tracking"]), resolve=True)
+            if launch in checked:  # data and store already checked for an earlier job
+                validate(job, choices)
+            else:
+                check_launch(job, choices)
+                checked.add(launch)
         except Exception as err:
             swept = [o for o in overrides if o not in shared] or overrides
             first_line = str(err).strip().splitlines()[0]
@@ -50,43 +63,67 @@ def check_jobs(config: DictConfig) -> None:
 
 
 class MlflowSweep(Callback):
-    """Hydra callback: opens the parent run before any job and ends it, with the report, after the last.
+    """Hydra callback: opens the parent run before any job (or reopens it, when fashion-sweep-resume continues a
+    sweep) and ends it, with the report, after the last.
 
     Jobs find the parent through the environment variable tracking.PARENT_RUN_ENV, which joblib's worker
     processes inherit. In hydra-core 1.3.8 a failed job makes the sweeper re-raise and on_multirun_end is
-    never called, so the parent is also closed at interpreter exit.
+    never called, so the parent is also closed at interpreter exit: KILLED if Ctrl-C or SIGTERM stopped the sweep.
     """
 
     def __init__(self) -> None:
         self.parent_run_id: str | None = None
         self.uri = ""
         self.report_dir = Path()
+        self.interrupted = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not HydraConfig.initialized():
             HydraConfig.instance().set_config(config)
+        backend.import_tensorflow()  # before tracking.py imports TensorFlow, so that its start-up noise is filtered
         check_jobs(config)
         try:
             self.open_parent(config)
         except Exception as err:  # Hydra would only warn, and run the jobs ungrouped; atexit ends the parent
             raise SystemExit(f"fashion-sweep: cannot open the sweep's parent MLflow run: {err}") from None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.interrupt)
+
+    def interrupt(self, signum: int, frame: FrameType | None) -> None:
+        self.interrupted = True  # so that a stop between two jobs, when no job is KILLED, still ends the parent KILLED
+        raise KeyboardInterrupt
 
     def open_parent(self, config: DictConfig) -> None:
+        from fashion_sweep import tracking  # imports TensorFlow: only once a sweep really starts
+
         # Create the store and experiment once, here: joblib workers meeting a new SQLite store race on its tables.
         experiment_id = tracking.connect(config.tracking)
         self.uri = str(config.tracking.uri)
-        self.report_dir = Path(str(config.hydra.sweep.dir)).absolute() / "report"
+        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        self.report_dir = sweep_dir / "report"
         client = MlflowClient(self.uri)
-        name = f"{config.sweep_name} {datetime.now():%Y-%m-%d %H:%M:%S}"
-        run = client.create_run(experiment_id, run_name=name, tags={"sweep_role": "parent"})
-        self.parent_run_id = run.info.run_id
+        resumed = os.environ.pop(tracking.RESUME_RUN_ENV, None)
+        if resumed:
+            client.update_run(resumed, status="RUNNING")
+            self.parent_run_id = resumed
+        else:
+            name = f"{config.sweep_name} {datetime.now():%Y-%m-%d %H:%M:%S}"
+            run = client.create_run(experiment_id, run_name=name, tags={"sweep_role": "parent"})
+            self.parent_run_id = run.info.run_id
         atexit.register(self.finish, completed=False)
-        client.set_tag(self.parent_run_id, "sweep_id", self.parent_run_id)
-        params = config.hydra.sweeper.get("params")
-        sweep = {"overrides": list(config.hydra.overrides.task), "sweeper_params": params or {}}
-        client.log_text(self.parent_run_id, OmegaConf.to_yaml(sweep), "sweep.yaml")
+        overrides = config.hydra.overrides
+        launch = tracking.launch_record(
+            config.hydra.runtime.cwd, overrides.task, overrides.hydra, sweep_dir=str(sweep_dir)
+        )
+        for key, value in {"sweep_id": self.parent_run_id, "launch": launch, **tracking.process_tags()}.items():
+            client.set_tag(self.parent_run_id, key, value)
+        if not resumed:
+            params = config.hydra.sweeper.get("params")
+            sweep = {"overrides": list(overrides.task), "sweeper_params": params or {}}
+            client.log_text(self.parent_run_id, OmegaConf.to_yaml(sweep), "sweep.yaml")
         os.environ[tracking.PARENT_RUN_ENV] = self.parent_run_id
-        log.info("Sweep %r: parent MLflow run %s", name, self.parent_run_id)
+        verb = "continues" if resumed else "is"
+        log.info("Sweep %s parent MLflow run %s", verb, self.parent_run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.finish(completed=True):
@@ -97,6 +134,8 @@ class MlflowSweep(Callback):
 
         Returns False if the report could not be written (the parent then ends FAILED).
         """
+        from fashion_sweep import tracking
+
         if self.parent_run_id is None:
             return True
         run_id, self.parent_run_id = self.parent_run_id, None
@@ -105,8 +144,10 @@ class MlflowSweep(Callback):
         client = MlflowClient(self.uri)
         status = "FAILED"
         try:
-            report = self.report(client, run_id)
-            status = sweep_status([row["status"] for row in report.rows], completed)
+            rows = self.report(client, run_id).rows
+            status = sweep_status([row["status"] for row in rows], completed, self.interrupted)
+            if status != "FINISHED":
+                print(f"Continue this sweep with: fashion-sweep-resume {run_id}")
         except Exception as err:
             print(f"fashion-sweep: the sweep's report could not be written: {err}", file=sys.stderr)
             return False
@@ -123,7 +164,8 @@ class MlflowSweep(Callback):
         for path in report.files:
             client.log_artifact(run_id, str(path))
         if report.best is not None:
-            client.log_param(run_id, "best_lr", report.best[compare.LR])
+            if "best_lr" not in client.get_run(run_id).data.params:  # a param is written once; a resume may differ
+                client.log_param(run_id, "best_lr", report.best[compare.LR])
             client.log_metric(run_id, "best_lr", float(report.best[compare.LR]))
             client.log_metric(run_id, "best_val_loss", report.best["best_val_loss"])
             client.log_metric(run_id, "best_test_accuracy", report.best["test_accuracy"])
@@ -134,9 +176,10 @@ class MlflowSweep(Callback):
         return report
 
 
-def sweep_status(child_statuses: list[str], completed: bool) -> str:
-    """FINISHED if every job ran (diverged counts as ran); KILLED if one was stopped; FAILED otherwise."""
-    if "KILLED" in child_statuses:
+def sweep_status(child_statuses: list[str], completed: bool, interrupted: bool = False) -> str:
+    """FINISHED if every job ran (diverged counts as ran); KILLED if one was stopped or the sweep was interrupted;
+    FAILED otherwise."""
+    if interrupted or "KILLED" in child_statuses:
         return "KILLED"
     if completed and "FAILED" not in child_statuses:
         return "FINISHED"

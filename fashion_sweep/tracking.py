@@ -1,32 +1,85 @@
-"""MLflow while training: the store and experiment, a run that always ends, and what a run records.
+"""MLflow while training: the store and experiment, which run a job writes to, a run that always ends, and
+what a run records (each epoch: checkpoint, then metrics).
 
-Owns every write to MLflow made by a training job; reading runs back is compare.py's job.
+Owns every write to MLflow made by a training job, finding a job's existing run and deciding whether it may be
+reopened; reading a sweep back for its report is compare.py's job.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
+import socket
 import subprocess
+import tempfile
 import time
 import traceback
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import keras
 import mlflow
 import numpy as np
 import tensorflow as tf
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from fashion_sweep import checkpoint
+
 # A --multirun's parent run id, set by sweep.MlflowSweep for its jobs (joblib's worker processes inherit it).
 PARENT_RUN_ENV = "FASHION_SWEEP_PARENT_RUN_ID"
+# The run (or, for a --multirun, the sweep's parent run) that `fashion-sweep-resume` asks this launch to continue.
+RESUME_RUN_ENV = "FASHION_SWEEP_RESUME_RUN_ID"
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
+STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
+SERVER_CHECK_SECONDS = 10  # one bounded request to an MLflow server before any run (MLflow's own retries take minutes)
+last_run_id: str | None = None  # the run this process last opened, for the message after Ctrl-C
+
+
+class StoreError(Exception):
+    """The tracking store cannot work: unknown scheme, unwritable path, unreachable server."""
+
+
+def check_store(uri: str, artifact_location: str | None) -> None:
+    """Raise StoreError unless uri names a store MLflow can write to; creates nothing in MLflow."""
+    scheme = urlparse(uri).scheme.split("+")[0]
+    if scheme not in STORE_SCHEMES:
+        raise StoreError(
+            f"tracking.uri={uri} is not a store MLflow >= 3.13 can use: expected sqlite:///PATH, "
+            f"http(s)://HOST:PORT of an MLflow server, or a database URI ({', '.join(STORE_SCHEMES[3:])})"
+        )
+    if scheme == "sqlite":
+        writable_folder(Path(uri.removeprefix("sqlite:///")).parent, f"tracking.uri={uri}")
+        if artifact_location:
+            writable_folder(Path(artifact_location), f"tracking.artifact_location={artifact_location}")
+    elif scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=SERVER_CHECK_SECONDS) as response:
+                response.read()
+        except (OSError, urllib.error.URLError) as err:
+            reason = getattr(err, "reason", err)
+            raise StoreError(f"tracking.uri={uri}: no MLflow server answers there ({reason})") from None
+
+
+def writable_folder(folder: Path, what: str) -> None:
+    """Create folder if missing and prove a file can be written in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise StoreError(f"{what}: cannot write to {folder} ({err.strerror or err})") from None
 
 
 def connect(cfg: DictConfig) -> str:
@@ -55,14 +108,99 @@ def error_summary(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def process_tags() -> dict[str, str]:
+    """Where this process runs, and a heartbeat: what decides later whether a RUNNING run is still alive."""
+    return {"host": socket.gethostname(), "pid": str(os.getpid()), "heartbeat": datetime.now(UTC).isoformat()}
+
+
+def launch_record(cwd: str, overrides: list[str], hydra_overrides: list[str], **more: str) -> str:
+    """How to launch a run or sweep again (tag `launch`): where, with which task and Hydra overrides."""
+    return json.dumps({"cwd": cwd, "overrides": list(overrides), "hydra_overrides": list(hydra_overrides), **more})
+
+
+def job_key(overrides: list[str]) -> str:
+    """A job's identity within its sweep: its overrides, sorted (tag job_overrides on its run)."""
+    return json.dumps(sorted(overrides))
+
+
+def job_run(client: MlflowClient, experiment_id: str, parent_run_id: str, key: str) -> Run | None:
+    """The run this job of the sweep already has (to continue or to skip), or None for a job never started."""
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    for child in client.search_runs([experiment_id], query, max_results=10_000):
+        if child.data.tags.get("job_overrides", legacy_job_key(client, child)) == key:
+            return child
+    return None
+
+
+def legacy_job_key(client: MlflowClient, run: Run) -> str:
+    """The identity of a run written before job_overrides was recorded: its overrides.yaml artifact."""
+    try:
+        text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/overrides.yaml")
+    except Exception:
+        return ""
+    return job_key([line.removeprefix("- ") for line in text.splitlines() if line.startswith("- ")])
+
+
+def is_done(run: Run) -> bool:
+    """A result that needs no more training: FINISHED, or diverged (a FAILED run tagged diverged=true)."""
+    return run.info.status == "FINISHED" or run.data.tags.get("diverged") == "true"
+
+
+def best_val_loss(client: MlflowClient, run: Run) -> float:
+    """What a job returns to Hydra: the lowest val_loss of its run, inf if it diverged or logged none."""
+    if run.data.tags.get("diverged") == "true":
+        return math.inf
+    values = [m.value for m in client.get_metric_history(run.info.run_id, "val_loss")]
+    return min(values, default=math.inf)
+
+
+def still_alive(client: MlflowClient, run: Run, now: float | None = None) -> str | None:
+    """Why a RUNNING run may still be running (so it must not be resumed), or None if its process is gone.
+
+    Same host: its pid is alive. Other host: its heartbeat is younger than 3 epochs (at least 5 minutes).
+    """
+    if run.info.status != "RUNNING":
+        return None
+    tags = run.data.tags
+    if "host" not in tags or "heartbeat" not in tags:
+        return f"run {run.info.run_id} is RUNNING and records no host or heartbeat (an older fashion-sweep)"
+    if tags["host"] == socket.gethostname():
+        if pid_alive(int(tags["pid"])):
+            return f"run {run.info.run_id} is RUNNING in process {tags['pid']} on this host"
+        return None
+    age = (now or time.time()) - datetime.fromisoformat(tags["heartbeat"]).timestamp()
+    epochs = [m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds")]
+    stale_after = max(300.0, 3 * max(epochs, default=0.0))
+    if age < stale_after:
+        return f"run {run.info.run_id} on host {tags['host']} sent a heartbeat {age:.0f} s ago (< {stale_after:.0f} s)"
+    return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
 @contextmanager
-def run(experiment_id: str, run_name: str, tags: dict[str, str]) -> Iterator[str]:
-    """An active MLflow run, nested in the sweep's parent if any, that always ends: FINISHED, KILLED on
-    Ctrl-C, FAILED (with the error and traceback.txt) otherwise."""
+def run(experiment_id: str, run_name: str, tags: dict[str, str], continued: str | None = None) -> Iterator[str]:
+    """An active MLflow run that always ends: FINISHED, KILLED on Ctrl-C, FAILED (with the error and
+    traceback.txt) otherwise. A new run is nested in the sweep's parent, if any; `continued` reopens that run."""
+    global last_run_id
     parent_run_id = os.environ.get(PARENT_RUN_ENV)
-    if parent_run_id:
-        tags = {**tags, "sweep_id": parent_run_id}
-    active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
+    tags = {**tags, **process_tags()}
+    if continued:
+        active = mlflow.start_run(run_id=continued)
+        mlflow.set_tags(tags)
+    else:
+        if parent_run_id:
+            tags["sweep_id"] = parent_run_id
+        active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
+    last_run_id = active.info.run_id
     try:
         yield active.info.run_id
     except BaseException as err:
@@ -103,8 +241,25 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-class EpochMetrics(keras.callbacks.Callback):
-    """Logs Keras' epoch metrics plus lr and epoch_seconds to the active run, step = epoch (1, 2, ...)."""
+class EpochRecorder(keras.callbacks.Callback):
+    """Records each epoch to the active run, step = epoch (1, 2, ...): first a checkpoint (weights, optimizer and
+    random state, the history so far), then Keras' epoch metrics plus lr and epoch_seconds, then a heartbeat.
+
+    A resumed run starts from the newest whole checkpoint, whose history holds every epoch it covers, so each
+    epoch's metrics are logged exactly once even if the process dies between the two writes.
+    """
+
+    def __init__(self, history: dict[str, list[float]], fit_seconds_before: float) -> None:
+        super().__init__()
+        self.history = history  # every epoch so far, this fit's and those before a resume
+        self.fit_seconds_before = fit_seconds_before  # seconds inside model.fit before a resume
+        self.fit_seconds = fit_seconds_before  # seconds inside model.fit, all fits of the run together
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._fit_started = time.perf_counter()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.fit_seconds = self.fit_seconds_before + time.perf_counter() - self._fit_started
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._started = time.perf_counter()
@@ -113,7 +268,37 @@ class EpochMetrics(keras.callbacks.Callback):
         metrics = {name: float(value) for name, value in (logs or {}).items() if name in EPOCH_METRICS}
         metrics["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         metrics["epoch_seconds"] = time.perf_counter() - self._started
+        self.fit_seconds = self.fit_seconds_before + time.perf_counter() - self._fit_started
+        for name, value in metrics.items():
+            self.history.setdefault(name, []).append(value)
+        log_checkpoint(checkpoint.capture(self.model, epoch + 1, self.history, self.fit_seconds))
         mlflow.log_metrics(metrics, step=epoch + 1)
+        mlflow.set_tag("heartbeat", datetime.now(UTC).isoformat())
+
+
+def log_checkpoint(state: checkpoint.Checkpoint) -> None:
+    """Write state into one of two artifact slots, then point the tag `checkpoint` at it: a process killed while
+    writing leaves the tag on the previous, whole checkpoint."""
+    path = f"checkpoint/slot-{state.epoch % 2}.npz"
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(folder) / Path(path).name
+        digest = checkpoint.save(state, local)
+        mlflow.log_artifact(str(local), "checkpoint")
+    mlflow.set_tags({"checkpoint": path, "checkpoint_epoch": str(state.epoch), "checkpoint_sha256": digest})
+
+
+def load_checkpoint(run: Run) -> checkpoint.Checkpoint | None:
+    """The newest whole checkpoint of run (checked against its SHA-256), or None if it has none."""
+    tags = run.data.tags
+    if "checkpoint" not in tags:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        local = mlflow.artifacts.download_artifacts(f"{run.info.artifact_uri}/{tags['checkpoint']}", dst_path=folder)
+        return checkpoint.load(Path(local), tags["checkpoint_sha256"])
+
+
+def logged_epochs(client: MlflowClient, run_id: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, "loss"))
 
 
 def log_config(cfg: DictConfig, overrides: list[str]) -> None:

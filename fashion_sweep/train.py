@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+from pathlib import Path
 
 import keras
 import mlflow
+import numpy as np
+import tensorflow as tf
 from hydra.core.hydra_config import HydraConfig
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from fashion_sweep import data, plots, tracking
+from fashion_sweep import checkpoint, data, plots, tracking
 from fashion_sweep.models import build_model
 from fashion_sweep.optimizers import build_optimizer
 
@@ -51,53 +57,134 @@ def run_name(cfg: DictConfig) -> str:
     return f"{cfg.model.name} {cfg.optimizer.name} lr={cfg.optimizer.lr:g}"
 
 
+def locate_data(cfg: DictConfig) -> Path:
+    """Where the verified data is; the first call per process checks the files, later ones reuse the answer."""
+    return data.locate_once(cfg.data.dir, cfg.data.system_dir, cfg.data.cache_dir, cfg.data.url)
+
+
 def load_split(cfg: DictConfig) -> tuple[data.Split, data.FashionMNIST]:
     """Find, check and decode the data (once per process), then split it as cfg.data says."""
-    folder = data.locate(cfg.data.dir, cfg.data.system_dir, cfg.data.cache_dir, cfg.data.url)
-    dataset = data.load(folder)
+    dataset = data.load(locate_data(cfg))
     return data.split(dataset, cfg.data.val_fraction, cfg.data.train_size, cfg.trainer.seed), dataset
 
 
-def train(cfg: DictConfig) -> float:
-    """Train and evaluate as cfg says inside one MLflow run; return the lowest val_loss (inf if diverged)."""
-    experiment_id = tracking.connect(cfg.tracking)
-    tags = {"hydra_output_dir": HydraConfig.get().runtime.output_dir} if HydraConfig.initialized() else {}
+def training_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, first_epoch: int, epochs: int):
+    """Shuffled batches for epochs first_epoch+1..epochs, each epoch's order drawn from (seed, epoch) alone:
+    a run continued at any epoch sees the data in the same order as one that was never interrupted."""
+    images, labels = tf.constant(x), tf.constant(y)
+
+    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+        order = tf.random.experimental.stateless_shuffle(tf.range(len(x)), seed=tf.stack([seed, epoch]))
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+    return (
+        tf.data.Dataset.range(first_epoch, epochs)
+        .flat_map(one_epoch)
+        .map(lambda index: (tf.gather(images, index), tf.gather(labels, index)), num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def task_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def existing_run(client: MlflowClient, experiment_id: str) -> Run | None:
+    """The run this job continues or skips: its sweep's child with the same overrides, or the run that
+    fashion-sweep-resume names; None for a new run."""
+    if parent_run_id := os.environ.get(tracking.PARENT_RUN_ENV):
+        return tracking.job_run(client, experiment_id, parent_run_id, tracking.job_key(task_overrides()))
+    if run_id := os.environ.get(tracking.RESUME_RUN_ENV):
+        return client.get_run(run_id)
+    return None
+
+
+def run_tags(cfg: DictConfig) -> dict[str, str]:
+    tags = {"job_overrides": tracking.job_key(task_overrides())}
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        tags["hydra_output_dir"] = hydra_cfg.runtime.output_dir
+        if tracking.PARENT_RUN_ENV not in os.environ:  # a single run: how to launch it again
+            tags["launch"] = tracking.launch_record(hydra_cfg.runtime.cwd, task_overrides(), hydra_cfg.overrides.hydra)
     if commit := tracking.git_commit():
         tags["git_commit"] = commit
+    return tags
+
+
+def train(cfg: DictConfig) -> float:
+    """Train and evaluate as cfg says inside one MLflow run; return the lowest val_loss (inf if diverged).
+
+    A job whose run is already done returns its result without training; one whose run was interrupted
+    continues it from the last checkpoint.
+    """
+    experiment_id = tracking.connect(cfg.tracking)
+    client = MlflowClient(str(cfg.tracking.uri))
+    previous = existing_run(client, experiment_id)
+    if previous is not None and tracking.is_done(previous):
+        log.info("%s: already done in run %s; not run again", run_name(cfg), previous.info.run_id)
+        return tracking.best_val_loss(client, previous)
     try:
-        with tracking.run(experiment_id, run_name(cfg), tags):
-            return fit_and_record(cfg)
+        with tracking.run(experiment_id, run_name(cfg), run_tags(cfg), previous and previous.info.run_id):
+            return fit_and_record(cfg, client, previous)
     except Diverged as err:
         log.warning("%s diverged: %s", run_name(cfg), err)
         return math.inf
 
 
-def fit_and_record(cfg: DictConfig) -> float:
-    """Inside the active run: log the config, load data, fit, evaluate on the test set, log figures and model."""
-    tracking.log_config(cfg, list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [])
+def resume_point(client: MlflowClient, previous: Run) -> checkpoint.Checkpoint | None:
+    """The checkpoint to continue from; logs the epochs it holds that the store lacks (a death between the two)."""
+    state = tracking.load_checkpoint(previous)
+    logged = tracking.logged_epochs(client, previous.info.run_id)
+    covered = state.epoch if state else 0
+    if any(step > covered for step in logged):
+        raise checkpoint.CheckpointError(
+            f"run {previous.info.run_id} logged epochs up to {max(logged)} but its checkpoint holds {covered}; "
+            "it was written by a fashion-sweep without checkpoints and cannot be continued"
+        )
+    for epoch in range(1, covered + 1):
+        if epoch not in logged and state is not None:
+            mlflow.log_metrics({name: values[epoch - 1] for name, values in state.history.items()}, step=epoch)
+    if state:
+        log.info("Continuing run %s from its checkpoint after epoch %d", previous.info.run_id, state.epoch)
+    return state
+
+
+def fit_and_record(cfg: DictConfig, client: MlflowClient, previous: Run | None) -> float:
+    """Inside the active run: log the config, load data, fit (from the checkpoint, if continuing), evaluate on the
+    test set, log figures and model."""
+    if previous is None:
+        tracking.log_config(cfg, task_overrides())
     split, dataset = load_split(cfg)
-    tracking.log_data_source(dataset.source, data.SHA256)
-    mlflow.log_params({"n_train": len(split.y_train), "n_val": len(split.y_val), "n_test": len(split.y_test)})
+    if previous is None:
+        tracking.log_data_source(dataset.source, data.SHA256)
+        mlflow.log_params({"n_train": len(split.y_train), "n_val": len(split.y_val), "n_test": len(split.y_test)})
     keras.backend.clear_session()  # jobs of a sweep share this process: start each from a clean Keras state
     keras.utils.set_random_seed(cfg.trainer.seed)
     model = build_model(cfg.model)
     model.compile(
         optimizer=build_optimizer(cfg.optimizer), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
     )
+    state = resume_point(client, previous) if previous is not None else None
+    if state is not None:
+        checkpoint.restore(model, state)
+    first_epoch = state.epoch if state else 0
 
     guard = DivergenceGuard(cfg.trainer.diverge_loss)
-    started = time.perf_counter()
-    history = model.fit(
-        split.x_train,
-        split.y_train,
-        batch_size=cfg.trainer.batch_size,
+    recorder = tracking.EpochRecorder(state.history if state else {}, state.fit_seconds if state else 0.0)
+    n, batch_size = len(split.y_train), cfg.trainer.batch_size
+    model.fit(
+        training_batches(split.x_train, split.y_train, batch_size, cfg.trainer.seed, first_epoch, cfg.trainer.epochs),
+        steps_per_epoch=math.ceil(n / batch_size),
         epochs=cfg.trainer.epochs,
+        initial_epoch=first_epoch,
         validation_data=(split.x_val, split.y_val),
         validation_batch_size=cfg.trainer.eval_batch_size,
-        callbacks=[guard, tracking.EpochMetrics()],
+        callbacks=[guard, recorder],
+        shuffle=False,  # training_batches shuffles, per epoch, reproducibly
         verbose=cfg.trainer.verbose,
-    ).history
-    mlflow.log_metric("fit_seconds", time.perf_counter() - started)
+    )
+    history = recorder.history
+    mlflow.log_metric("fit_seconds", recorder.fit_seconds)
     if guard.reason is not None:
         mlflow.set_tag("diverged", "true")
         raise Diverged(f"{guard.reason}; training stopped")

@@ -10,10 +10,11 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fashion_sweep.config import ConfigError, validate
-from fashion_sweep.models import build_model
+from fashion_sweep.config import MODELS, OPTIMIZERS, ConfigError, validate
+from fashion_sweep.models import BUILDERS, build_model
+from fashion_sweep.optimizers import OPTIMIZERS as KERAS_OPTIMIZERS
 from fashion_sweep.optimizers import build_optimizer
 
 CONF = Path(__file__).parents[1] / "conf"
@@ -26,6 +27,16 @@ def options(group: str) -> list[str]:
 def composed(*overrides: str, hydra: bool = False) -> DictConfig:
     with initialize_config_module(version_base="1.3", config_module="fashion_sweep.conf"):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def check(*overrides: str) -> DictConfig:
+    """Compose as a job would and run every check a job runs before its MLflow run opens."""
+    cfg = composed(*overrides, hydra=True)
+    with open_dict(cfg):
+        choices = cfg.hydra.runtime.choices
+        del cfg["hydra"]
+    validate(cfg, choices)
+    return cfg
 
 
 def test_groups_offer_the_documented_options() -> None:
@@ -44,8 +55,7 @@ def test_defaults_are_the_references() -> None:
 @pytest.mark.parametrize("model", options("model"))
 @pytest.mark.parametrize("optimizer", options("optimizer"))
 def test_every_model_and_optimizer_composes_and_builds(model: str, optimizer: str) -> None:
-    cfg = composed(f"model={model}", f"optimizer={optimizer}", "optimizer.lr=0.003")
-    validate(cfg)
+    cfg = check(f"model={model}", f"optimizer={optimizer}", "optimizer.lr=0.003")
     net = build_model(cfg.model)
     opt = build_optimizer(cfg.optimizer)
     assert net.output_shape == (None, 10)
@@ -118,7 +128,32 @@ def test_optimizer_sweep_crosses_the_rates_with_three_optimizers() -> None:
 )
 def test_out_of_range_values_are_refused_naming_key_and_value(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        validate(composed(override))
+        check(override)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+trainer.epoch=3", "trainer.epoch is not a key of trainer=default .*; did you mean trainer.epochs[?]"),
+        ("+optimizer.lrr=0.1", "optimizer.lrr is not a key of optimizer=rmsprop .*; did you mean optimizer.lr[?]"),
+        ("+model.extra=3", r"model.extra is not a key of model=seed_cnn \(its keys: name, filters, "),
+        ("+unknown=1", "unknown is not a key of the config"),
+        ("optimizer.lr=inf", "optimizer.lr=inf is not allowed: numbers must be finite"),
+        ("optimizer.lr=-inf", "optimizer.lr=-inf is not allowed: numbers must be finite"),
+        ("trainer.diverge_loss=nan", "trainer.diverge_loss=nan is not allowed: numbers must be finite"),
+        ("model.conv_dropout=1.0", r"model.conv_dropout=1.0 is not allowed: expected a rate in \[0, 1\)"),
+        ("model.filters=[-8]", r"model.filters=\[-8\] is not allowed"),
+        ("optimizer.rho=1.5", "optimizer.rho=1.5 is not allowed"),
+        ("model.filters=[8,8,8,8,8,8]", "model=seed_cnn cannot be built from this config: .*zero or negative"),
+    ],
+)
+def test_unknown_keys_non_finite_and_unbuildable_values_are_refused(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check(override)
+
+
+def test_the_config_names_every_model_and_optimizer_the_builders_know() -> None:
+    assert sorted(MODELS) == sorted(BUILDERS) and sorted(OPTIMIZERS) == sorted(KERAS_OPTIMIZERS)
 
 
 KEY_LINE = re.compile(r"^\s*[A-Za-z_][\w.]*:(?!\s*$)")  # "key: value" (a key opening a block may go uncommented)

@@ -1,0 +1,55 @@
+"""The TensorFlow runtime under Keras: imported once, quietly, by the jobs that train.
+
+Owns what TensorFlow prints at start-up; it does not build, train or log anything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# Start-up lines TensorFlow 2.21 writes to stderr before absl logging is initialised, so that
+# TF_CPP_MIN_LOG_LEVEL does not hide them (tensorflow/tensorflow#100442).
+ALWAYS_NOISE = re.compile(r"All log messages before absl::InitializeLog|oneDNN custom operations are on")
+# The same, about CUDA: noise on a machine without an NVIDIA GPU, worth seeing on one with a GPU.
+CUDA_NOISE = re.compile(r"cudart_stub|failed call to cuInit|Could not find cuda drivers|Unable to register cu\w+ factory")
+
+
+def has_nvidia_gpu() -> bool:
+    """An NVIDIA driver is loaded (the condition under which TensorFlow can use a GPU at all)."""
+    return Path("/proc/driver/nvidia/version").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+@contextmanager
+def filtered_stderr(noise: re.Pattern[str]) -> Iterator[None]:
+    """Capture file descriptor 2 (C++ and Python alike); on exit write back every line that is not noise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines() if not noise.search(line)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr, flush=True)
+
+
+def import_tensorflow() -> None:
+    """Import TensorFlow and let it find its devices (where CUDA is probed), hiding only known start-up noise."""
+    if "tensorflow" in sys.modules:
+        return
+    noise = ALWAYS_NOISE if has_nvidia_gpu() else re.compile(f"{ALWAYS_NOISE.pattern}|{CUDA_NOISE.pattern}")
+    with filtered_stderr(noise):
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # the CUDA probe happens here, inside the filter

@@ -1,0 +1,71 @@
+"""A training run's checkpoint: everything that makes a continued run equal to an uninterrupted one.
+
+Owns the file format (one .npz: the model's variables with Dropout's random-seed state, the optimizer's
+variables with its iteration count, the epoch reached, the history so far) and putting it back into a model.
+Where checkpoints are stored (an MLflow artifact) is tracking.py's concern; the data order per epoch is
+train.py's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+
+class CheckpointError(Exception):
+    """The checkpoint is damaged or belongs to another network."""
+
+
+@dataclass
+class Checkpoint:
+    epoch: int  # epochs completed; training continues at epoch + 1
+    history: dict[str, list[float]]  # per-epoch metrics of epochs 1..epoch
+    fit_seconds: float  # seconds inside model.fit so far
+    variables: dict[str, np.ndarray]  # "model/<path>" and "optimizer/<path>" -> value
+
+
+def variables_of(model: keras.Model) -> dict[str, keras.Variable]:
+    """Every variable training changes: weights, non-trainable state (incl. Dropout's seed), optimizer slots."""
+    found = {f"model/{v.path}": v for v in model.variables}
+    found.update({f"optimizer/{v.path}": v for v in model.optimizer.variables})
+    return found
+
+
+def capture(model: keras.Model, epoch: int, history: dict[str, list[float]], fit_seconds: float) -> Checkpoint:
+    values = {name: keras.ops.convert_to_numpy(v) for name, v in variables_of(model).items()}
+    return Checkpoint(epoch, {k: list(v) for k, v in history.items()}, fit_seconds, values)
+
+
+def save(state: Checkpoint, path: Path) -> str:
+    """Write state to path; return the file's SHA-256."""
+    meta = json.dumps({"epoch": state.epoch, "history": state.history, "fit_seconds": state.fit_seconds})
+    buffer = io.BytesIO()
+    np.savez(buffer, __meta__=np.array(meta), **state.variables)
+    path.write_bytes(buffer.getvalue())
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+
+def load(path: Path, sha256: str) -> Checkpoint:
+    raw = path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != sha256:
+        raise CheckpointError(f"checkpoint {path.name} is damaged (SHA-256 differs from the one recorded)")
+    with np.load(io.BytesIO(raw)) as arrays:
+        meta = json.loads(str(arrays["__meta__"]))
+        variables = {name: arrays[name] for name in arrays.files if name != "__meta__"}
+    return Checkpoint(meta["epoch"], meta["history"], meta["fit_seconds"], variables)
+
+
+def restore(model: keras.Model, state: Checkpoint) -> None:
+    """Assign the checkpoint's values to a freshly built and compiled model of the same config."""
+    model.optimizer.build(model.trainable_variables)
+    targets = variables_of(model)
+    if set(targets) != set(state.variables):
+        raise CheckpointError("the checkpoint holds other variables than this model: was the config changed?")
+    for name, variable in targets.items():
+        variable.assign(state.variables[name])

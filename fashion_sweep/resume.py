@@ -1,0 +1,145 @@
+"""`fashion-sweep-resume [TARGET] [--tracking-uri URI] [--force] [hydra overrides]`: continue an interrupted
+run or sweep where it stopped.
+
+Owns choosing what to continue and whether that is safe. The continuing itself is the ordinary launch
+(cli.py) with the overrides the run or sweep recorded when it started: each job then finds its own run
+(tracking.job_run) and goes on from its checkpoint, so every launcher works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from fashion_sweep import backend, compare
+
+OVERRIDE = re.compile(r"^[+~]{0,2}[\w./@-]+=")  # key=value as Hydra reads it; a run name has spaces before "="
+PROG = "fashion-sweep-resume"
+
+
+def split_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """(TARGET or None, the overrides); refuses more than one target and overrides that change the jobs."""
+    targets = [a for a in args if not OVERRIDE.match(a)]
+    overrides = [a for a in args if OVERRIDE.match(a)]
+    if len(targets) > 1:
+        raise SystemExit(f"{PROG}: one TARGET at most, got {targets}")
+    for override in overrides:
+        if not override.lstrip("+~").startswith(("hydra.", "hydra/")):
+            raise SystemExit(
+                f"{PROG}: {override} would change the jobs; a resume takes only Hydra overrides (hydra.*, hydra/...)"
+            )
+    return (targets[0] if targets else None), overrides
+
+
+def sweep_of(client: MlflowClient, run: Run) -> Run:
+    """A sweep's job stands for its sweep: resuming it resumes the whole multirun."""
+    parent_id = run.data.tags.get("mlflow.parentRunId")
+    return client.get_run(parent_id) if parent_id else run
+
+
+def find_target(client: MlflowClient, target: str | None) -> Run | None:
+    """The run or sweep named by target (run id, sweep id or run name); with None, the newest that did not finish."""
+    from fashion_sweep import tracking
+
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if target is None:
+        unfinished = client.search_runs(experiments, "attributes.status != 'FINISHED'", order_by=["start_time DESC"])
+        for run in unfinished:
+            candidate = sweep_of(client, run)
+            if not tracking.is_done(candidate):
+                return candidate
+        return None
+    try:
+        return sweep_of(client, client.get_run(target))
+    except MlflowException:
+        pass
+    named = client.search_runs(experiments, f"attributes.run_name = '{target}'", order_by=["start_time DESC"])
+    if not named:
+        raise LookupError(f"no run or sweep {target!r} in the store")
+    return sweep_of(client, named[0])
+
+
+def still_alive(client: MlflowClient, run: Run) -> str | None:
+    """Why run (or, for a sweep, its parent or one of its jobs) may still be running elsewhere."""
+    from fashion_sweep import tracking
+
+    runs = [run, *compare.child_runs(client, run)] if is_sweep(run) else [run]
+    reasons = (tracking.still_alive(client, r) for r in runs)
+    return next((reason for reason in reasons if reason), None)
+
+
+def is_sweep(run: Run) -> bool:
+    return run.data.tags.get("sweep_role") == "parent"
+
+
+def launch_argv(run: Run, extra: list[str]) -> tuple[list[str], Path]:
+    """The `fashion-sweep` arguments that launched run, with extra Hydra overrides, and the directory to run in."""
+    tags = run.data.tags
+    if "launch" not in tags:
+        raise SystemExit(f"{PROG}: run {run.info.run_id} records no launch (written by an older fashion-sweep)")
+    record = json.loads(tags["launch"])
+    extra_keys = {o.lstrip("+~").split("=", 1)[0] for o in extra}
+    output_dir = ("hydra.sweep.dir", record.get("sweep_dir")) if is_sweep(run) else ("hydra.run.dir", None)
+    if output_dir[1]:
+        extra_keys.add(output_dir[0])
+        extra = [*extra, f"{output_dir[0]}={output_dir[1]}"]  # the same folder: the report lands where it was
+    kept = [o for o in record["hydra_overrides"] if o.lstrip("+~").split("=", 1)[0] not in extra_keys]
+    flags = ["--multirun"] if is_sweep(run) else []
+    cwd = Path(record["cwd"])
+    return [*flags, *record["overrides"], *kept, *extra], cwd if cwd.is_dir() else Path.cwd()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Continue an interrupted run or sweep from its last checkpoint, in the same MLflow runs.",
+    )
+    parser.add_argument(
+        "args", nargs="*", metavar="[TARGET] [OVERRIDE]",
+        help="a sweep's parent run id, a run id or a run name (default: the newest run or sweep that did not "
+        "finish), then Hydra overrides such as hydra/launcher=joblib",
+    )  # fmt: skip
+    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: ./mlruns/mlflow.db)")
+    parser.add_argument("--force", action="store_true", help="resume even if a RUNNING run may still be alive")
+    args = parser.parse_args(argv)
+    target, extra = split_args(args.args)
+
+    uri = args.tracking_uri or compare.default_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        sys.exit(f"{PROG}: no MLflow store at {uri}; pass --tracking-uri")
+    backend.import_tensorflow()
+    from fashion_sweep import cli, tracking
+
+    client = MlflowClient(uri)
+    try:
+        run = find_target(client, target)
+    except LookupError as err:
+        sys.exit(f"{PROG}: {err} ({uri})")
+    if run is None:
+        print(f"{PROG}: nothing to resume: every run and sweep in {uri} finished")
+        return
+    what = f"{'sweep' if is_sweep(run) else 'run'} {run.info.run_name!r} ({run.info.run_id})"
+    if tracking.is_done(run):
+        print(f"{PROG}: nothing to resume: {what} is {run.info.status}")
+        return
+    if not args.force and (reason := still_alive(client, run)):
+        sys.exit(f"{PROG}: not resumed: {reason}; pass --force if you know it is gone")
+
+    launch, cwd = launch_argv(run, extra)
+    print(f"{PROG}: continuing {what} in {cwd}", flush=True)
+    os.environ[tracking.RESUME_RUN_ENV] = run.info.run_id
+    os.chdir(cwd)
+    sys.argv = ["fashion-sweep", *launch]
+    cli.main()
+
+
+if __name__ == "__main__":
+    main()
