@@ -17,7 +17,7 @@ from pathlib import Path
 # TF_CPP_MIN_LOG_LEVEL does not hide them (tensorflow/tensorflow#100442).
 ALWAYS_NOISE = re.compile(r"All log messages before absl::InitializeLog|oneDNN custom operations are on")
 # The same, about CUDA: noise on a machine without an NVIDIA GPU, worth seeing on one with a GPU.
-CUDA_NOISE = re.compile(r"cudart_stub|failed call to cuInit|Could not find cuda drivers|Unable to register cu\w+ factory")
+CUDA_NOISE = re.compile(r"cudart_stub|failed call to cuInit|Could not find cuda drivers|register cu\w+ factory")
 
 
 def has_nvidia_gpu() -> bool:

@@ -46,7 +46,8 @@ def save(state: Checkpoint, path: Path) -> str:
     """Write state to path; return the file's SHA-256."""
     meta = json.dumps({"epoch": state.epoch, "history": state.history, "fit_seconds": state.fit_seconds})
     buffer = io.BytesIO()
-    np.savez(buffer, __meta__=np.array(meta), **state.variables)
+    arrays: dict[str, np.ndarray] = {"__meta__": np.array(meta), **state.variables}
+    np.savez(buffer, allow_pickle=False, **arrays)
     path.write_bytes(buffer.getvalue())
     return hashlib.sha256(buffer.getvalue()).hexdigest()
 

@@ -71,7 +71,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
 def option_keys(group: str, option: str) -> list[str] | None:
     """The keys of conf/<group>/<option>.yaml as shipped: that option's schema (None for an option of the user's)."""
     path = resources.files("fashion_sweep.conf").joinpath(group, f"{option}.yaml")
-    return list(OmegaConf.load(str(path)).keys()) if path.is_file() else None
+    return [str(key) for key in OmegaConf.load(str(path))] if path.is_file() else None
 
 
 def root_keys() -> list[str]:
@@ -88,7 +88,7 @@ def check_keys(cfg: DictConfig, choices: Mapping[str, Any]) -> None:
             known[group] = keys
     for prefix, keys in known.items():
         node = cfg.get(prefix) if prefix else cfg
-        for key in node.keys() if isinstance(node, DictConfig) else []:
+        for key in [str(k) for k in node] if isinstance(node, DictConfig) else []:
             if key not in keys:
                 name = f"{prefix}.{key}" if prefix else str(key)
                 where = f"{prefix}={choices.get(prefix)}" if prefix else "the config"

@@ -199,7 +199,9 @@ def run(experiment_id: str, run_name: str, tags: dict[str, str], continued: str 
     else:
         if parent_run_id:
             tags["sweep_id"] = parent_run_id
-        active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
+        active = mlflow.start_run(
+            experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags
+        )
     last_run_id = active.info.run_id
     try:
         yield active.info.run_id

@@ -124,7 +124,8 @@ def train(cfg: DictConfig) -> float:
         log.info("%s: already done in run %s; not run again", run_name(cfg), previous.info.run_id)
         return tracking.best_val_loss(client, previous)
     try:
-        with tracking.run(experiment_id, run_name(cfg), run_tags(cfg), previous and previous.info.run_id):
+        continued = previous.info.run_id if previous else None
+        with tracking.run(experiment_id, run_name(cfg), run_tags(cfg), continued):
             return fit_and_record(cfg, client, previous)
     except Diverged as err:
         log.warning("%s diverged: %s", run_name(cfg), err)
