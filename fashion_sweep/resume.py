@@ -82,16 +82,17 @@ def is_sweep(run: Run) -> bool:
 
 def launch_argv(run: Run, extra: list[str]) -> tuple[list[str], Path]:
     """The `fashion-sweep` arguments that launched run, with extra Hydra overrides, and the directory to run in."""
-    tags = run.data.tags
-    if "launch" not in tags:
+    if "launch" not in run.data.tags:
         raise SystemExit(f"{PROG}: run {run.info.run_id} records no launch (written by an older fashion-sweep)")
-    record = json.loads(tags["launch"])
-    extra_keys = {o.lstrip("+~").split("=", 1)[0] for o in extra}
-    output_dir = ("hydra.sweep.dir", record.get("sweep_dir")) if is_sweep(run) else ("hydra.run.dir", None)
-    if output_dir[1]:
-        extra_keys.add(output_dir[0])
-        extra = [*extra, f"{output_dir[0]}={output_dir[1]}"]  # the same folder: the report lands where it was
-    kept = [o for o in record["hydra_overrides"] if o.lstrip("+~").split("=", 1)[0] not in extra_keys]
+    record = json.loads(run.data.tags["launch"])
+
+    def key(override: str) -> str:
+        return override.lstrip("+~").split("=", 1)[0]
+
+    if is_sweep(run) and record.get("sweep_dir") and "hydra.sweep.dir" not in map(key, extra):
+        extra = [*extra, f"hydra.sweep.dir={record['sweep_dir']}"]  # the same folder: the report lands where it was
+    replaced = {key(o) for o in extra}
+    kept = [o for o in record["hydra_overrides"] if key(o) not in replaced]
     flags = ["--multirun"] if is_sweep(run) else []
     cwd = Path(record["cwd"])
     return [*flags, *record["overrides"], *kept, *extra], cwd if cwd.is_dir() else Path.cwd()
