@@ -8,6 +8,7 @@ config.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from importlib import resources
@@ -68,12 +69,14 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
 ]
 
 
+@functools.cache
 def option_keys(group: str, option: str) -> list[str] | None:
     """The keys of conf/<group>/<option>.yaml as shipped: that option's schema (None for an option of the user's)."""
     path = resources.files("fashion_sweep.conf").joinpath(group, f"{option}.yaml")
     return [str(key) for key in OmegaConf.load(str(path))] if path.is_file() else None
 
 
+@functools.cache
 def root_keys() -> list[str]:
     path = resources.files("fashion_sweep.conf").joinpath("config.yaml")
     return [str(k) for k in OmegaConf.load(str(path)) if k not in ("defaults", "hydra")]

@@ -127,7 +127,7 @@ def job_run(client: MlflowClient, experiment_id: str, parent_run_id: str, key: s
     """The run this job of the sweep already has (to continue or to skip), or None for a job never started."""
     query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
     for child in client.search_runs([experiment_id], query, max_results=10_000):
-        if child.data.tags.get("job_overrides", legacy_job_key(client, child)) == key:
+        if (child.data.tags.get("job_overrides") or legacy_job_key(client, child)) == key:
             return child
     return None
 

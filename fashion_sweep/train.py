@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
 
 import keras
 import mlflow
@@ -57,14 +56,9 @@ def run_name(cfg: DictConfig) -> str:
     return f"{cfg.model.name} {cfg.optimizer.name} lr={cfg.optimizer.lr:g}"
 
 
-def locate_data(cfg: DictConfig) -> Path:
-    """Where the verified data is; the first call per process checks the files, later ones reuse the answer."""
-    return data.locate_once(cfg.data.dir, cfg.data.system_dir, cfg.data.cache_dir, cfg.data.url)
-
-
 def load_split(cfg: DictConfig) -> tuple[data.Split, data.FashionMNIST]:
     """Find, check and decode the data (once per process), then split it as cfg.data says."""
-    dataset = data.load(locate_data(cfg))
+    dataset = data.load(data.locate_once(cfg.data.dir, cfg.data.system_dir, cfg.data.cache_dir, cfg.data.url))
     return data.split(dataset, cfg.data.val_fraction, cfg.data.train_size, cfg.trainer.seed), dataset
 
 
