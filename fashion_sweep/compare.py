@@ -1,7 +1,9 @@
 """The comparison of one sweep: a table and two figures built from the MLflow store alone.
 
 Owns reading a sweep back from MLflow and writing its report (summary.csv, summary.md, lr_effect.png,
-val_curves.png); it never imports the training code. `fashion-sweep-compare` rebuilds a report any time.
+val_curves.png; with seed replicates summary.* has one row per setting and runs.csv, runs.md one per run; a
+halving sweep's pruned runs are shown apart and compared at its rungs); it never imports the training code.
+`fashion-sweep-compare` rebuilds a report any time.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ import argparse
 import csv
 import math
 import sys
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -21,22 +26,44 @@ from mlflow.tracking import MlflowClient
 from fashion_sweep import plots
 
 LR = "optimizer.lr"
+SEED = "trainer.seed"
 COLUMNS = (
     "best_val_loss", "best_epoch", "final_val_loss", "final_loss", "final_val_accuracy", "test_accuracy",
     "epochs", "seconds", "status", "run_id", "note",
 )  # fmt: skip
-TERMINAL_COLUMNS = [c for c in COLUMNS if c != "run_id"]
+SETTING_COLUMNS = (
+    "n", "n_finished", "best_val_loss_mean", "best_val_loss_std", "test_accuracy_mean", "test_accuracy_std", "status",
+)  # fmt: skip
 BEST_IS = "best = lowest validation loss reached in any epoch; diverged or failed runs are never best"
+BEST_OF_HALVING_IS = (
+    "best = lowest validation loss reached in any epoch by a run that reached the last rung; pruned, diverged or"
+    " failed runs are never best; val_loss@k = lowest validation loss in epochs 1..k"
+)
+BEST_SETTING_IS = (
+    f"one row per setting, mean and std over its finished runs ({SEED} differs); best = lowest mean of the lowest"
+    " validation loss in any epoch, among settings whose runs all finished (runs.md: each run)"
+)
+
+Row = dict[str, Any]
 
 
 @dataclass
 class Report:
-    """A sweep's table (best first), its swept keys, its best row and the files written."""
+    """A sweep's runs (best first), its swept keys, its best row and the files written; table and columns are
+    summary.md's: the runs, or one row per setting when seeds differ (best is then a setting, with its means
+    as best_val_loss and test_accuracy)."""
 
-    rows: list[dict[str, Any]]
+    rows: list[Row]
     swept: list[str]
-    best: dict[str, Any] | None
+    best: Row | None
     files: list[Path]
+    table: list[Row]
+    columns: list[str]
+    best_is: str
+
+    @property
+    def terminal_columns(self) -> list[str]:
+        return [c for c in self.columns if c != "run_id"]
 
 
 def default_tracking_uri() -> str:
@@ -70,19 +97,33 @@ def swept_keys(params: list[dict[str, str]]) -> list[str]:
     return [LR, *varying]
 
 
+def halving_rungs(parent_tags: dict[str, str]) -> list[int]:
+    """The rung epochs of a successive-halving sweep (parent tag halving_rungs, e.g. "1,3,10"); [] otherwise."""
+    return sorted({int(k) for k in parent_tags.get("halving_rungs", "").split(",") if k.strip()})
+
+
 def status_of(run: Run) -> str:
     if run.data.tags.get("diverged") == "true":
         return "DIVERGED"
+    if run.data.tags.get("pruned") == "true" and run.info.status == "FINISHED":
+        return "PRUNED"
     return run.info.status
 
 
-def summarize(run: Run, history: dict[str, list[float]], swept: list[str]) -> dict[str, Any]:
-    """One table row: the swept values, then COLUMNS."""
+def lowest(values: list[float], epochs: int) -> float | str:
+    """The lowest finite value of epochs 1..epochs; blank if the run did not reach that epoch."""
+    finite = [v for v in values[:epochs] if math.isfinite(v)]
+    return "" if len(values) < epochs else min(finite, default=math.nan)
+
+
+def summarize(run: Run, history: dict[str, list[float]], swept: list[str], rungs: Sequence[int] = ()) -> Row:
+    """One table row: the swept values, then COLUMNS, and val_loss@k for each rung k of a halving sweep."""
     val_loss = history.get("val_loss", [])
     finite = [v for v in val_loss if math.isfinite(v)]
     best_index = val_loss.index(min(finite)) if finite else None
-    metrics = run.data.metrics
-    row: dict[str, Any] = {key: run.data.params.get(key, "") for key in swept}
+    metrics, tags = run.data.metrics, run.data.tags
+    status = status_of(run)
+    row: Row = {key: run.data.params.get(key, "") for key in swept}
     row.update(
         best_val_loss=min(finite) if finite else math.nan,
         best_epoch=best_index + 1 if best_index is not None else "",
@@ -92,54 +133,172 @@ def summarize(run: Run, history: dict[str, list[float]], swept: list[str]) -> di
         test_accuracy=metrics.get("test_accuracy", math.nan),
         epochs=len(history.get("loss", [])),
         seconds=round(((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000, 1),
-        status=status_of(run),
+        status=status,
         run_id=run.info.run_id,
-        note=run.data.tags.get("error", ""),
+        note=tags.get("error", f"pruned at epoch {tags.get('pruned_at_epoch', '?')}" if status == "PRUNED" else ""),
     )
+    row.update({f"val_loss@{k}": lowest(val_loss, k) for k in rungs})
     return row
 
 
-def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Finished runs by best_val_loss, then the rest (diverged, failed, killed) by learning rate."""
+def run_columns(swept: list[str], rungs: Sequence[int] = ()) -> list[str]:
+    """The runs table's columns: the swept keys, then COLUMNS with val_loss@k for each rung after best_epoch."""
+    at_rungs = [f"val_loss@{k}" for k in rungs]
+    return [*swept, *COLUMNS[:2], *at_rungs, *COLUMNS[2:]]
 
-    def key(row: dict[str, Any]) -> tuple:
-        finished = row["status"] == "FINISHED" and math.isfinite(row["best_val_loss"])
-        return (not finished, row["best_val_loss"] if finished else 0.0, float(row[LR] or "nan"), row["run_id"])
+
+def rank(rows: list[Row]) -> list[Row]:
+    """Finished runs by best_val_loss, then pruned runs (the later their rung the higher, then by best_val_loss),
+    then the rest (diverged, failed, killed, scheduled) by learning rate."""
+
+    def key(row: Row) -> tuple:
+        loss = row["best_val_loss"] if math.isfinite(row["best_val_loss"]) else math.inf
+        if row["status"] == "FINISHED" and math.isfinite(loss):
+            return (0, 0, loss, float(row[LR] or "nan"), row["run_id"])
+        if row["status"] == "PRUNED":
+            return (1, -row.get("epochs", 0), loss, float(row[LR] or "nan"), row["run_id"])
+        return (2, 0, 0.0, float(row[LR] or "nan"), row["run_id"])
 
     return sorted(rows, key=key)
+
+
+def status_summary(statuses: list[str]) -> str:
+    """FINISHED if all are, else the count of each, finished first: "2 FINISHED, 1 DIVERGED"."""
+    if statuses and set(statuses) == {"FINISHED"}:
+        return "FINISHED"
+    counts = sorted(Counter(statuses).items(), key=lambda item: (item[0] != "FINISHED", item[0]))
+    return ", ".join(f"{n} {status}" for status, n in counts)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1); nan where there are too few values."""
+    mean = float(np.mean(values)) if values else math.nan
+    return mean, float(np.std(values, ddof=1)) if len(values) >= 2 else math.nan
+
+
+def settings(rows: list[Row], keys: list[str]) -> list[Row]:
+    """One row per setting (a combination of the values of keys, the swept keys but the seed): its runs, how many
+    finished, the mean and std over those of best_val_loss and test_accuracy, and a status; best first:
+    settings whose runs all finished by mean best_val_loss, then the others by learning rate."""
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    table = []
+    for values, runs in groups.items():
+        finished = [r for r in runs if r["status"] == "FINISHED"]
+        setting: Row = dict(zip(keys, values, strict=True), n=len(runs), n_finished=len(finished))
+        for metric in ("best_val_loss", "test_accuracy"):
+            setting[f"{metric}_mean"], setting[f"{metric}_std"] = mean_std([r[metric] for r in finished])
+        setting["status"] = status_summary([r["status"] for r in runs])
+        table.append(setting)
+
+    def key(setting: Row) -> tuple:
+        complete = setting["status"] == "FINISHED" and math.isfinite(setting["best_val_loss_mean"])
+        return (not complete, setting["best_val_loss_mean"] if complete else 0.0, float(setting[LR] or "nan"))
+
+    return sorted(table, key=key)
+
+
+def best_setting(table: list[Row]) -> Row | None:
+    """The first setting if all its runs finished, with its means as best_val_loss and test_accuracy."""
+    if not table or table[0]["status"] != "FINISHED" or not math.isfinite(table[0]["best_val_loss_mean"]):
+        return None
+    best = table[0]
+    return {**best, "best_val_loss": best["best_val_loss_mean"], "test_accuracy": best["test_accuracy_mean"]}
 
 
 def cell(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
+def markdown(rows: list[Row], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
 Series = dict[str, tuple[list[float], list[float], list[float]]]
+Pruned = dict[str, list[tuple[float, float, float, int]]]
 
 
-def lr_series(rows: list[dict[str, Any]], swept: list[str]) -> Series:
-    """For plots.lr_effect: per combination of the other swept values, (lrs, final losses, final val_losses),
-    by learning rate; a run that did not finish gets an infinite loss (drawn as an x)."""
-    series: Series = {}
+def lr_groups(rows: list[Row], keys: list[str]) -> dict[str, dict[float, list[Row]]]:
+    """Rows by label (the values of keys but the learning rate), then by learning rate, ascending."""
+    groups: dict[str, dict[float, list[Row]]] = {}
     for row in sorted(rows, key=lambda r: float(r[LR] or "nan")):
-        label = ", ".join(f"{k}={row[k]}" for k in swept[1:])
-        lrs, train, val = series.setdefault(label, ([], [], []))
-        failed = row["status"] != "FINISHED"
-        lrs.append(float(row[LR] or "nan"))
-        train.append(math.inf if failed else row["final_loss"])
-        val.append(math.inf if failed else row["final_val_loss"])
+        label = ", ".join(f"{k}={row[k]}" for k in keys if k != LR)
+        groups.setdefault(label, {}).setdefault(float(row[LR] or "nan"), []).append(row)
+    return groups
+
+
+def final_losses(runs: list[Row]) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(mean, std) of the final training and of the final validation loss over the finished runs; inf if none."""
+    finished = [r for r in runs if r["status"] == "FINISHED"]
+    if not finished:
+        return (math.inf, math.nan), (math.inf, math.nan)
+    return mean_std([r["final_loss"] for r in finished]), mean_std([r["final_val_loss"] for r in finished])
+
+
+def lr_series(rows: list[Row], keys: list[str]) -> Series:
+    """For plots.lr_effect: per combination of the other values of keys, (lrs, final losses, final val_losses) by
+    learning rate, each the mean over that learning rate's finished runs (its seeds); a learning rate none of whose
+    runs finished gets an infinite loss (drawn as an x). Pruned runs are left out: see pruned_points."""
+    series: Series = {}
+    for label, by_lr in lr_groups([r for r in rows if r["status"] != "PRUNED"], keys).items():
+        stats = [final_losses(runs) for runs in by_lr.values()]
+        series[label] = (list(by_lr), [train[0] for train, _ in stats], [val[0] for _, val in stats])
     return series
 
 
+def lr_spread(rows: list[Row], keys: list[str]) -> dict[str, tuple[list[float], list[float]]]:
+    """The standard deviations (over seeds) of lr_series's means, in the same order; nan below two runs."""
+    spread: dict[str, tuple[list[float], list[float]]] = {}
+    for label, by_lr in lr_groups([r for r in rows if r["status"] != "PRUNED"], keys).items():
+        stats = [final_losses(runs) for runs in by_lr.values()]
+        spread[label] = ([train[1] for train, _ in stats], [val[1] for _, val in stats])
+    return spread
+
+
+def pruned_points(rows: list[Row], keys: list[str]) -> Pruned:
+    """For plots.lr_effect: per label as in lr_series, each pruned run's (lr, last loss, last val_loss, epochs)."""
+    groups = lr_groups([r for r in rows if r["status"] == "PRUNED"], keys)
+    return {
+        label: [(lr, r["final_loss"], r["final_val_loss"], r["epochs"]) for lr, runs in by_lr.items() for r in runs]
+        for label, by_lr in groups.items()
+    }
+
+
+def summary(rows: list[Row], swept: list[str], rungs: list[int]) -> tuple[list[Row], list[str], Row | None, str]:
+    """summary.md's table, its columns, the best row and how best was chosen: the runs (ranked), or one row per
+    setting when the seed is swept."""
+    if SEED in swept:
+        keys = [k for k in swept if k != SEED]
+        table = settings(rows, keys)
+        return table, [*keys, *SETTING_COLUMNS], best_setting(table), BEST_SETTING_IS
+    best = rows[0] if rows and rows[0]["status"] == "FINISHED" else None
+    return rows, run_columns(swept, rungs), best, BEST_OF_HALVING_IS if rungs else BEST_IS
+
+
+def curve_label(row: Row, swept: list[str]) -> str:
+    """A run's label in val_curves.png: its swept values and its status ("pruned at epoch k" if pruned)."""
+    status = row["note"] if row["status"] == "PRUNED" else row["status"]
+    return ", ".join(f"{k}={row[k]}" for k in swept) + f" ({status})"
+
+
+def write_table(path: Path, rows: list[Row], columns: list[str], title: str) -> list[Path]:
+    """path.csv and path.md (the title, then the table); returns both."""
+    with open(path.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows([cell(row[c]) for c in columns] for row in rows)
+    path.with_suffix(".md").write_text(title + markdown(rows, columns))
+    return [path.with_suffix(".csv"), path.with_suffix(".md")]
+
+
 def write_report(client: MlflowClient, parent: Run, out: Path) -> Report:
-    """Read the sweep's child runs, write the four report files into out, return what was written."""
+    """Read the sweep's child runs, write the report files into out, return what was written."""
     runs = child_runs(client, parent)
     swept = swept_keys([r.data.params for r in runs])
+    rungs = halving_rungs(parent.data.tags)
     histories = {
         r.info.run_id: {
             m: [p.value for p in sorted(client.get_metric_history(r.info.run_id, m), key=lambda p: p.step)]
@@ -147,26 +306,29 @@ def write_report(client: MlflowClient, parent: Run, out: Path) -> Report:
         }
         for r in runs
     }
-    rows = rank([summarize(r, histories[r.info.run_id], swept) for r in runs])
-    best = rows[0] if rows and rows[0]["status"] == "FINISHED" else None
-    columns = [*swept, *COLUMNS]
+    rows = rank([summarize(r, histories[r.info.run_id], swept, rungs) for r in runs])
+    table, columns, best, best_is = summary(rows, swept, rungs)
 
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "summary.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        writer.writerows([cell(row[c]) for c in columns] for row in rows)
-    title = f"# Sweep {parent.info.run_name} ({parent.info.run_id})\n\n{len(rows)} runs; {BEST_IS}.\n\n"
-    (out / "summary.md").write_text(title + markdown(rows, columns))
+    title = f"# Sweep {parent.info.run_name} ({parent.info.run_id})\n\n{len(rows)} runs"
+    if SEED in swept:  # summary.* has a row per setting, runs.* one per run
+        files = write_table(out / "summary", table, columns, f"{title} in {len(table)} settings; {best_is}.\n\n")
+        runs_are = BEST_OF_HALVING_IS if rungs else BEST_IS
+        files += write_table(out / "runs", rows, run_columns(swept, rungs), f"{title}; {runs_are}.\n\n")
+    else:
+        files = write_table(out / "summary", table, columns, f"{title}; {best_is}.\n\n")
 
+    keys = [k for k in swept if k != SEED]
     best_lr = float(best[LR]) if best else None
-    plots.lr_effect(lr_series(rows, swept), best_lr).savefig(out / "lr_effect.png", dpi=110)
-    labelled = {
-        ", ".join(f"{k}={row[k]}" for k in swept) + f" ({row['status']})": histories[row["run_id"]] for row in rows
-    }
-    plots.val_curves(labelled).savefig(out / "val_curves.png", dpi=110)
-    files = [out / name for name in ("lr_effect.png", "val_curves.png", "summary.csv", "summary.md")]
-    return Report(rows=rows, swept=swept, best=best, files=files)
+    spread = lr_spread(rows, keys) if SEED in swept else None
+    lr_figure = plots.lr_effect(lr_series(rows, keys), best_lr, spread, pruned_points(rows, keys))
+    lr_figure.savefig(out / "lr_effect.png", dpi=110)
+    labels = [curve_label(row, swept) for row in rows]
+    faded = {label for label, row in zip(labels, rows, strict=True) if row["status"] == "PRUNED"}
+    labelled = {label: histories[row["run_id"]] for label, row in zip(labels, rows, strict=True)}
+    plots.val_curves(labelled, faded, rungs).savefig(out / "val_curves.png", dpi=110)
+    files = [out / "lr_effect.png", out / "val_curves.png", *files]
+    return Report(rows=rows, swept=swept, best=best, files=files, table=table, columns=columns, best_is=best_is)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -187,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
         report = write_report(client, parent, args.out or Path("reports") / parent.info.run_id)
     except (LookupError, MlflowException, OSError) as err:
         sys.exit(f"fashion-sweep-compare: {' '.join(str(err).split())} ({uri})")
-    print(markdown(report.rows, [*report.swept, *TERMINAL_COLUMNS]))
+    print(markdown(report.table, report.terminal_columns))
     print(f"Report of sweep {parent.info.run_name} written to {report.files[0].parent}")
 
 

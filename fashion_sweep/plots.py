@@ -5,7 +5,7 @@ Owns how results look; every function takes plain numbers and returns a matplotl
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -69,43 +69,94 @@ def misclassified(
 
 
 def lr_effect(
-    series: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]], best_lr: float | None
+    series: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
+    best_lr: float | None,
+    spread: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+    pruned: Mapping[str, Sequence[tuple[float, float, float, int]]] | None = None,
 ) -> Figure:
     """Final training and validation loss against learning rate (the reference's "Effect of a learning rate").
 
     series maps a label (e.g. the optimizer) to (learning rates, final training losses, final validation
-    losses); a non-finite loss (a diverged run) is drawn as an x at the top of the axes.
+    losses); a non-finite loss (a diverged run) is drawn as an x at the top of the axes. spread, if given, holds
+    the standard deviations (over seeds) of those losses, drawn as error bars. pruned maps a label to runs stopped
+    early at a rung, (learning rate, last training loss, last validation loss, epochs), drawn as hollow markers.
     """
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.subplots()
+    pruned = pruned or {}
     finite = [v for lrs, train, val in series.values() for v in (*train, *val) if np.isfinite(v)]
+    finite += [v for points in pruned.values() for _, train, val, _ in points for v in (train, val) if np.isfinite(v)]
     ceiling = max(finite, default=1.0) * 1.15
-    for label, (lrs, train, val) in series.items():
+    over_seeds = " (mean over seeds)" if spread else ""
+    for label in [*series, *(label for label in pruned if label not in series)]:
         prefix = f"{label}: " if label else ""
-        for losses, style, name in ((train, "o-", "training"), (val, "s--", "validation")):
-            y = np.asarray(losses, dtype=float)
-            (line,) = ax.plot(lrs, np.where(np.isfinite(y), y, np.nan), style, label=f"{prefix}final {name} loss")
+        lrs, *losses = series.get(label, ([], [], []))
+        errors = (spread or {}).get(label)
+        for i, (marker, line_style, name) in enumerate((("o", "-", "training"), ("s", "--", "validation"))):
+            y = np.asarray(losses[i], dtype=float)
+            shown = np.where(np.isfinite(y), y, np.nan)
+            what = f"final {name} loss{over_seeds}" if lrs else f"{name} loss of pruned runs"
+            (line,) = ax.plot(lrs, shown, marker + line_style, label=prefix + what)
+            color = line.get_color()
+            if errors is not None:
+                yerr = np.nan_to_num(np.asarray(errors[i], dtype=float))
+                ax.errorbar(lrs, shown, yerr=yerr, fmt="none", ecolor=color, capsize=3)
             diverged = ~np.isfinite(y)
             if diverged.any():
-                ax.plot(np.asarray(lrs)[diverged], [ceiling] * diverged.sum(), "x", color=line.get_color(), ms=10)
+                ax.plot(np.asarray(lrs)[diverged], [ceiling] * diverged.sum(), "x", color=color, ms=10)
+            for lr, *last, epochs in pruned.get(label, []):
+                ax.plot(lr, last[i], marker, mfc="none", color=color, ms=9)
+                ax.annotate(str(epochs), (lr, last[i]), textcoords="offset points", xytext=(6, -3), fontsize=7)
+    if any(pruned.values()):
+        ax.plot([], [], "o", mfc="none", color="gray", label="pruned at epoch k (hollow marker, k next to it)")
     if best_lr is not None:
-        ax.axvline(best_lr, color="green", alpha=0.5, lw=3, label=f"best lr = {best_lr:g} (lowest val_loss)")
+        lowest = "lowest mean val_loss" if spread else "lowest val_loss"
+        ax.axvline(best_lr, color="green", alpha=0.5, lw=3, label=f"best lr = {best_lr:g} ({lowest})")
     ax.set_xscale("log")
-    ax.set(xlabel="learning rate", ylabel="loss", title="Effect of the learning rate (x = diverged)")
+    bars = "; bars = ±1 std over seeds" if spread else ""
+    ax.set(xlabel="learning rate", ylabel="loss", title=f"Effect of the learning rate (x = diverged{bars})")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return fig
 
 
-def val_curves(histories: Mapping[str, Mapping[str, Sequence[float]]]) -> Figure:
-    """Validation loss and accuracy per epoch, one line per run (labelled by its swept values)."""
+def val_curves(
+    histories: Mapping[str, Mapping[str, Sequence[float]]], faded: Collection[str] = (), rungs: Sequence[int] = ()
+) -> Figure:
+    """Validation loss and accuracy per epoch, one line per run (labelled by its swept values); runs whose label
+    is in faded (pruned runs) dashed and faded, and the rungs of a halving sweep as dotted vertical lines."""
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     for ax, metric in zip(fig.subplots(1, 2), ("val_loss", "val_accuracy"), strict=True):
         for label, history in histories.items():
             values = history.get(metric, [])
-            ax.plot(np.arange(1, len(values) + 1), values, "o-", ms=3, label=label)
+            style = {"ls": "--", "alpha": 0.5} if label in faded else {"ls": "-"}
+            ax.plot(np.arange(1, len(values) + 1), values, marker="o", ms=3, label=label, **style)
+        for i, rung in enumerate(rungs):
+            ax.axvline(rung, color="gray", ls=":", lw=1, label="halving rungs" if i == 0 else None)
         ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.axes[0].legend(fontsize=8)
+    return fig
+
+
+def lr_find(
+    lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float], min_loss_lr: float, suggested_lr: float
+) -> Figure:
+    """An LR range test: the smoothed (and, faintly, the raw) training loss per batch against its learning rate,
+    on a log axis, with the lowest smoothed loss and the suggested learning rate (a tenth of its lr) marked."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(lrs, losses, color="grey", alpha=0.35, lw=1, label="training loss per batch")
+    ax.plot(lrs, smoothed, lw=2, label="smoothed training loss")
+    ax.axvline(min_loss_lr, color="red", ls=":", label=f"lowest smoothed loss at lr = {min_loss_lr:.2g}")
+    ax.axvline(suggested_lr, color="green", alpha=0.5, lw=3, label=f"suggested lr = {suggested_lr:.2g} (that / 10)")
+    finite = [v for v in (*smoothed, *losses) if np.isfinite(v)]
+    low, high = min(finite, default=0.0), min(max(finite, default=0.0), 1.5 * smoothed[0] if finite else 0.0)
+    if high > low:  # up to 1.5x the first loss: the blow-up at the end would flatten the dip before it
+        ax.set_ylim(low - 0.1 * (high - low), high + 0.05 * (high - low))
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate (log scale)", ylabel="training loss", title="LR range test")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     return fig
