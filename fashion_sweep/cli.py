@@ -27,12 +27,19 @@ def app(cfg: DictConfig) -> float:
 
     backend.import_tensorflow()
     from fashion_sweep import tracking
-    from fashion_sweep.train import train
 
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.RUN:  # a --multirun checked every job, its data and store before the first
         config.check_launch(cfg, hydra_cfg.runtime.choices)
+    elif cfg.task == "lr_find":  # a sweep job that sweep.check_jobs could not see coming (e.g. a user's preset)
+        raise config.ConfigError("an LR range test is one run; drop --multirun")
     try:
+        if cfg.task == "lr_find":
+            from fashion_sweep.lr_find import lr_find
+
+            return lr_find(cfg)
+        from fashion_sweep.train import train
+
         return train(cfg)
     except Exception as err:
         raise JobFailed(tracking.error_summary(err)) from None  # the traceback is in the run's traceback.txt

@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 MODELS = ("seed_cnn", "readme_cnn", "cnn_bn", "mlp")  # models.BUILDERS, named here so --help needs no Keras
 OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd")  # optimizers.OPTIMIZERS
-GROUPS = ("data", "model", "optimizer", "trainer", "tracking")  # the groups whose options are plain YAML schemas
+TASKS = ("train", "lr_find")  # what a job does: train.train or lr_find.lr_find (cli.py)
+GROUPS = ("data", "model", "optimizer", "trainer", "tracking", "lr_find")  # groups whose options are plain YAML schemas
 
 
 class ConfigError(CompactHydraException):
@@ -66,6 +67,12 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.diverge_loss", lambda v: _number(v) and v > 0, "a number > 0"),
     ("data.val_fraction", lambda v: _number(v) and 0 < v < 1, "a number between 0 and 1"),
     ("data.train_size", lambda v: v is None or (_whole(v) and 100 <= v <= 60000), "null or 100..60000"),
+    ("lr_find.start_lr", lambda v: _number(v) and v > 0, "a number > 0"),
+    ("lr_find.end_lr", lambda v: _number(v) and v > 0, "a number > 0 (and > lr_find.start_lr)"),
+    ("lr_find.steps", lambda v: _whole(v) and v >= 2, "a whole number >= 2"),
+    ("lr_find.smoothing", _rate, "a number in [0, 1)"),
+    ("lr_find.stop_factor", lambda v: _number(v) and v > 1, "a number > 1"),
+    ("task", lambda v: v in TASKS, f"one of {list(TASKS)}"),
 ]
 
 
@@ -121,13 +128,20 @@ def check_finite(cfg: DictConfig) -> None:
 def check_rules(cfg: DictConfig) -> None:
     for key, ok, allowed in RULES:
         group, _, name = key.partition(".")
-        if name not in cfg[group]:
+        if name and name not in cfg[group]:  # a key the chosen option lacks (a top-level key is always there)
             continue
         value = OmegaConf.select(cfg, key)
         if OmegaConf.is_config(value):
             value = OmegaConf.to_container(value)
         if not ok(value):
             raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+
+
+def check_lr_range(cfg: DictConfig) -> None:
+    """The one rule across keys: the LR range test runs upwards."""
+    start, end = cfg.lr_find.start_lr, cfg.lr_find.end_lr
+    if end <= start:
+        raise ConfigError(f"lr_find.end_lr={end!r} is not allowed: expected a number > lr_find.start_lr={start!r}")
 
 
 def check_builds(cfg: DictConfig) -> None:
@@ -148,6 +162,7 @@ def validate(cfg: DictConfig, choices: Mapping[str, Any], build: bool = True) ->
     check_keys(cfg, choices)
     check_finite(cfg)
     check_rules(cfg)
+    check_lr_range(cfg)
     if build:
         check_builds(cfg)
 

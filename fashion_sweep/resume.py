@@ -54,7 +54,7 @@ def find_target(client: MlflowClient, target: str | None) -> Run | None:
         unfinished = client.search_runs(experiments, "attributes.status != 'FINISHED'", order_by=["start_time DESC"])
         for run in unfinished:
             candidate = sweep_of(client, run)
-            if not tracking.is_done(candidate):
+            if not tracking.is_done(candidate) and candidate.data.tags.get("task") != "lr_find":
                 return candidate
         return None
     try:
@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     if run is None:
         print(f"{PROG}: nothing to resume: every run and sweep in {uri} finished")
         return
+    if run.data.tags.get("task") == "lr_find":
+        sys.exit(f"{PROG}: an LR range test is not resumed; run it again")
     what = f"{'sweep' if is_sweep(run) else 'run'} {run.info.run_name!r} ({run.info.run_id})"
     if tracking.is_done(run):
         print(f"{PROG}: nothing to resume: {what} is {run.info.status}")

@@ -42,6 +42,9 @@ def check_jobs(config: DictConfig) -> None:
     """Check every job before any runs (its config, and once each its data and store), so a bad value in the
     5th job wastes no training and leaves nothing in the store."""
     jobs = list(job_overrides(config))
+    given = {o.lstrip("+") for job in jobs for o in job}  # e.g. task=train,lr_find; cli.app refuses the rest
+    if config.get("task") == "lr_find" or given & {"experiment=lr_find", "task=lr_find"}:
+        raise SystemExit("fashion-sweep: an LR range test is one run; drop --multirun")
     shared = set.intersection(*map(set, jobs)) if len(jobs) > 1 else set()
     checked: set[str] = set()
     for overrides in jobs:
