@@ -20,7 +20,7 @@ bench: setup data  ## the benchmarks (benchmarks/README.md): ~25 minutes, result
 lint: setup  ## ruff and mypy, as CI runs them
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy fashion_sweep benchmarks
+	$(BIN)/mypy --explicit-package-bases fashion_sweep benchmarks hydra_plugins
 
 ui: setup  ## the MLflow UI on ./mlruns at http://127.0.0.1:$(PORT)
 	$(BIN)/fashion-sweep-ui --port $(PORT)

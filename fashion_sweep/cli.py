@@ -57,8 +57,19 @@ def interrupted_message() -> str:
     return f"fashion-sweep: interrupted; run {run_id} is marked KILLED in MLflow (fashion-sweep-resume continues it)"
 
 
+def register_plugins() -> None:
+    """Make `hydra/sweeper=halving` known to Hydra. A wheel install needs nothing (Hydra's scan of hydra_plugins
+    finds it), but an editable install (setuptools >= 64 path hook) hides it from that scan (pkgutil)."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.fashion_sweep_halving.halving_sweeper import HalvingSweeper
+
+    Plugins.instance().register(HalvingSweeper)
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
+    register_plugins()
     try:
         app()
     except KeyboardInterrupt:

@@ -10,43 +10,50 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
+import time
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from hydra import compose
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fashion_sweep import backend, compare
+from fashion_sweep import backend, compare, halving, progress
 from fashion_sweep.config import check_launch, validate
 
 log = logging.getLogger(__name__)
 
 
-def job_overrides(config: DictConfig) -> Iterator[list[str]]:
-    """The overrides of each job of this multirun, expanded as Hydra's basic sweeper will expand them."""
-    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
-    parsed = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
-    for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None):
-        yield from (list(job) for job in batch)
+def job_overrides(config: DictConfig) -> list[list[str]]:
+    """The overrides of each job of this multirun, expanded as Hydra's basic sweeper (and ours) will expand them."""
+    return halving.expand(config.hydra.sweeper.get("params"), list(config.hydra.overrides.task))
 
 
-def check_jobs(config: DictConfig) -> None:
+def check_sweeper(config: DictConfig, jobs: list[list[str]]) -> None:
+    """The halving sweeper's own settings (hydra/sweeper=halving), before any job runs."""
+    sweeper = config.hydra.sweeper
+    if str(sweeper.get("_target_", "")).endswith(".HalvingSweeper"):
+        try:
+            halving.check_plan(jobs, sweeper.eta, sweeper.min_epochs, config.trainer.epochs)
+        except ValueError as err:
+            raise SystemExit(f"fashion-sweep: {err}; nothing was run") from None
+
+
+def check_jobs(config: DictConfig) -> list[int]:
     """Check every job before any runs (its config, and once each its data and store), so a bad value in the
-    5th job wastes no training and leaves nothing in the store."""
-    jobs = list(job_overrides(config))
+    5th job wastes no training and leaves nothing in the store. Returns each job's trainer.epochs."""
+    jobs = job_overrides(config)
     given = {o.lstrip("+") for job in jobs for o in job}  # e.g. task=train,lr_find; cli.app refuses the rest
     if config.get("task") == "lr_find" or given & {"experiment=lr_find", "task=lr_find"}:
         raise SystemExit("fashion-sweep: an LR range test is one run; drop --multirun")
+    check_sweeper(config, jobs)
     shared = set.intersection(*map(set, jobs)) if len(jobs) > 1 else set()
     checked: set[str] = set()
+    epochs = []
     for overrides in jobs:
         try:
             job = compose(config_name=config.hydra.job.config_name, overrides=overrides, return_hydra_config=True)
@@ -63,6 +70,8 @@ def check_jobs(config: DictConfig) -> None:
             swept = [o for o in overrides if o not in shared] or overrides
             first_line = str(err).strip().splitlines()[0]
             raise SystemExit(f"fashion-sweep: job {swept} refused, nothing was run: {first_line}") from None
+        epochs.append(int(job.trainer.epochs))
+    return epochs
 
 
 class MlflowSweep(Callback):
@@ -84,9 +93,9 @@ class MlflowSweep(Callback):
         if not HydraConfig.initialized():
             HydraConfig.instance().set_config(config)
         backend.import_tensorflow()  # before tracking.py imports TensorFlow, so that its start-up noise is filtered
-        check_jobs(config)
+        job_epochs = check_jobs(config)
         try:
-            self.open_parent(config)
+            self.open_parent(config, progress.grid_plan(job_epochs, time.time()))
         except Exception as err:  # Hydra would only warn, and run the jobs ungrouped; atexit ends the parent
             raise SystemExit(f"fashion-sweep: cannot open the sweep's parent MLflow run: {err}") from None
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -96,7 +105,7 @@ class MlflowSweep(Callback):
         self.interrupted = True  # so that a stop between two jobs, when no job is KILLED, still ends the parent KILLED
         raise KeyboardInterrupt
 
-    def open_parent(self, config: DictConfig) -> None:
+    def open_parent(self, config: DictConfig, plan: progress.Plan) -> None:
         from fashion_sweep import tracking  # imports TensorFlow: only once a sweep really starts
 
         # Create the store and experiment once, here: joblib workers meeting a new SQLite store race on its tables.
@@ -118,7 +127,8 @@ class MlflowSweep(Callback):
         launch = tracking.launch_record(
             config.hydra.runtime.cwd, overrides.task, overrides.hydra, sweep_dir=str(sweep_dir)
         )
-        for key, value in {"sweep_id": self.parent_run_id, "launch": launch, **tracking.process_tags()}.items():
+        tags = {"sweep_id": self.parent_run_id, "launch": launch, progress.PLAN_TAG: plan.to_json()}
+        for key, value in {**tags, **tracking.process_tags()}.items():
             client.set_tag(self.parent_run_id, key, value)
         if not resumed:
             params = config.hydra.sweeper.get("params")
@@ -155,6 +165,8 @@ class MlflowSweep(Callback):
             print(f"fashion-sweep: the sweep's report could not be written: {err}", file=sys.stderr)
             return False
         finally:
+            elapsed = time.time() - client.get_run(run_id).info.start_time / 1000
+            client.set_tag(run_id, progress.PROGRESS_TAG, f"{status.lower()} after {progress.minutes(elapsed)}")
             client.set_terminated(run_id, status)
         return True
 
@@ -172,8 +184,8 @@ class MlflowSweep(Callback):
             client.log_metric(run_id, "best_lr", float(report.best[compare.LR]))
             client.log_metric(run_id, "best_val_loss", report.best["best_val_loss"])
             client.log_metric(run_id, "best_test_accuracy", report.best["test_accuracy"])
-        print(compare.markdown(report.rows, [*report.swept, *compare.TERMINAL_COLUMNS]))
-        print(f"{compare.BEST_IS}.\nReport: {self.report_dir}  (also on MLflow run {run_id})")
+        print(compare.markdown(report.table, report.terminal_columns))
+        print(f"{report.best_is}.\nReport: {self.report_dir}  (also on MLflow run {run_id})")
         ui = Path(sys.executable).parent / "fashion-sweep-ui"  # next to this Python, e.g. .venv/bin/
         print(f"Browse the runs: {ui} --tracking-uri {self.uri}   then open http://127.0.0.1:5000")
         return report

@@ -7,6 +7,7 @@ reopened; reading a sweep back for its report is compare.py's job.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import time
 import traceback
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -29,13 +31,14 @@ import keras
 import mlflow
 import numpy as np
 import tensorflow as tf
+from mlflow.data.numpy_dataset import from_numpy
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from fashion_sweep import checkpoint
+from fashion_sweep import checkpoint, data
 
 # A --multirun's parent run id, set by sweep.MlflowSweep for its jobs (joblib's worker processes inherit it).
 PARENT_RUN_ENV = "FASHION_SWEEP_PARENT_RUN_ID"
@@ -146,12 +149,23 @@ def is_done(run: Run) -> bool:
     return run.info.status == "FINISHED" or run.data.tags.get("diverged") == "true"
 
 
-def best_val_loss(client: MlflowClient, run: Run) -> float:
-    """What a job returns to Hydra: the lowest val_loss of its run, inf if it diverged or logged none."""
+def best_val_loss(client: MlflowClient, run: Run, through: int | None = None) -> float:
+    """What a job returns to Hydra: the lowest val_loss of its run (in epochs 1..through, if given), inf if it
+    diverged or logged none."""
     if run.data.tags.get("diverged") == "true":
         return math.inf
-    values = [m.value for m in client.get_metric_history(run.info.run_id, "val_loss")]
-    return min(values, default=math.inf)
+    history = client.get_metric_history(run.info.run_id, "val_loss")
+    return min((m.value for m in history if through is None or m.step <= through), default=math.inf)
+
+
+class Paused(Exception):
+    """Raised inside run() by a job that stopped at a rung of a halving sweep: the run ends SCHEDULED, to be
+    continued from its checkpoint or pruned."""
+
+    def __init__(self, epoch: int, best_val_loss: float) -> None:
+        super().__init__(f"paused after epoch {epoch}")
+        self.epoch = epoch
+        self.best_val_loss = best_val_loss
 
 
 def still_alive(client: MlflowClient, run: Run, now: float | None = None) -> str | None:
@@ -188,8 +202,9 @@ def pid_alive(pid: int) -> bool:
 
 @contextmanager
 def run(experiment_id: str, run_name: str, tags: dict[str, str], continued: str | None = None) -> Iterator[str]:
-    """An active MLflow run that always ends: FINISHED, KILLED on Ctrl-C, FAILED (with the error and
-    traceback.txt) otherwise. A new run is nested in the sweep's parent, if any; `continued` reopens that run."""
+    """An active MLflow run that always ends: FINISHED, KILLED on Ctrl-C, SCHEDULED when Paused, FAILED (with the
+    error and traceback.txt) otherwise. A new run is nested in the sweep's parent, if any; `continued` reopens
+    that run."""
     global last_run_id
     parent_run_id = os.environ.get(PARENT_RUN_ENV)
     tags = {**tags, **process_tags()}
@@ -205,6 +220,9 @@ def run(experiment_id: str, run_name: str, tags: dict[str, str], continued: str 
     last_run_id = active.info.run_id
     try:
         yield active.info.run_id
+    except Paused:
+        mlflow.end_run("SCHEDULED")
+        raise
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         try:
@@ -313,6 +331,24 @@ def log_config(cfg: DictConfig, overrides: list[str]) -> None:
 def log_data_source(folder: Path, sha256: dict[str, str]) -> None:
     mlflow.set_tags({f"data_sha256.{name}": digest for name, digest in sha256.items()})
     mlflow.set_tag("data_dir", str(folder))
+
+
+def log_datasets(split: data.Split, folder: Path, sha256: dict[str, str], data_cfg: DictConfig, seed: int) -> None:
+    """The run's training, validation and test images as MLflow dataset inputs (the UI's Dataset column):
+    Fashion-MNIST, with a digest of the files' SHA-256 and the slice, so equal digests mean equal images."""
+    slices = {
+        "training": (split.x_train, split.y_train),
+        "validation": (split.x_val, split.y_val),
+        "test": (split.x_test, split.y_test),
+    }
+    for context, (images, labels) in slices.items():
+        how = {} if context == "test" else {"val_fraction": data_cfg.val_fraction, "train_size": data_cfg.train_size}
+        key = json.dumps({"files": sha256, "slice": context, **how, "seed": seed if how else None}, sort_keys=True)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        with warnings.catch_warnings():  # mlflow 3.17 registers "" and "file" as two local sources, then warns
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+            dataset = from_numpy(images, targets=labels, source=str(folder), name="fashion-mnist", digest=digest)
+        mlflow.log_input(dataset, context=context)
 
 
 def log_model(model: keras.Model, example: np.ndarray, example_output: np.ndarray) -> None:

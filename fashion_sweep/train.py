@@ -20,7 +20,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from fashion_sweep import checkpoint, data, plots, tracking
+from fashion_sweep import checkpoint, data, halving, plots, progress, tracking
 from fashion_sweep.models import build_model
 from fashion_sweep.optimizers import build_optimizer
 
@@ -50,6 +50,30 @@ class DivergenceGuard(keras.callbacks.Callback):
         if self.reason is None and loss > self.limit:
             self.reason = f"training loss {loss:.3g} exceeded trainer.diverge_loss={self.limit:g} in epoch {epoch + 1}"
             self.model.stop_training = True
+
+
+class ProgressLog(keras.callbacks.Callback):
+    """After every epoch, logs where the sweep is (job i/n, epoch, time left) and mirrors it on the parent run."""
+
+    def __init__(self, plan: progress.Plan, job_num: int, client: MlflowClient, parent_run_id: str | None) -> None:
+        super().__init__()
+        self.plan, self.job_num, self.client, self.parent_run_id = plan, job_num, client, parent_run_id
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        line = progress.describe(self.plan, self.job_num, epoch + 1, time.time())
+        log.info(line)
+        if self.parent_run_id:
+            self.client.set_tag(self.parent_run_id, progress.PROGRESS_TAG, line)
+
+
+def progress_log(client: MlflowClient, first_epoch: int, stop: int) -> ProgressLog:
+    """The sweep's plan, as its launcher wrote it on the parent run, and this job's number in it; a run outside
+    a sweep plans its own epochs."""
+    parent_run_id = os.environ.get(tracking.PARENT_RUN_ENV)
+    plan_json = client.get_run(parent_run_id).data.tags.get(progress.PLAN_TAG) if parent_run_id else None
+    if plan_json is None:
+        return ProgressLog(progress.single_run_plan(first_epoch, stop), 0, client, parent_run_id)
+    return ProgressLog(progress.Plan.from_json(plan_json), int(HydraConfig.get().job.num), client, parent_run_id)
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -105,25 +129,39 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
     return tags
 
 
+def stop_epoch(cfg: DictConfig) -> int:
+    """The epoch this job trains up to: trainer.epochs, or a halving sweep's rung (set in the job's environment)."""
+    return min(int(os.environ.get(halving.STOP_EPOCH_ENV, cfg.trainer.epochs)), cfg.trainer.epochs)
+
+
 def train(cfg: DictConfig) -> float:
     """Train and evaluate as cfg says inside one MLflow run; return the lowest val_loss (inf if diverged).
 
-    A job whose run is already done returns its result without training; one whose run was interrupted
-    continues it from the last checkpoint.
+    A job whose run is already done (or, in a halving sweep, already past this rung) returns its result without
+    training; one whose run was interrupted, or paused at an earlier rung, continues it from its checkpoint.
     """
     experiment_id = tracking.connect(cfg.tracking)
     client = MlflowClient(str(cfg.tracking.uri))
     previous = existing_run(client, experiment_id)
-    if previous is not None and tracking.is_done(previous):
-        log.info("%s: already done in run %s; not run again", run_name(cfg), previous.info.run_id)
-        return tracking.best_val_loss(client, previous)
+    stop = stop_epoch(cfg)
+    if previous is not None and (tracking.is_done(previous) or past_rung(client, previous, stop, cfg)):
+        log.info("%s: done up to epoch %d in run %s; not run again", run_name(cfg), stop, previous.info.run_id)
+        return tracking.best_val_loss(client, previous, through=stop)
     try:
         continued = previous.info.run_id if previous else None
         with tracking.run(experiment_id, run_name(cfg), run_tags(cfg), continued):
-            return fit_and_record(cfg, client, previous)
+            return fit_and_record(cfg, client, previous, stop)
     except Diverged as err:
         log.warning("%s diverged: %s", run_name(cfg), err)
         return math.inf
+    except tracking.Paused as paused:
+        log.info("%s: %s (a rung of a halving sweep), best val_loss %.4f", run_name(cfg), paused, paused.best_val_loss)
+        return paused.best_val_loss
+
+
+def past_rung(client: MlflowClient, run: Run, stop: int, cfg: DictConfig) -> bool:
+    """A halving sweep asks for an earlier rung than the run has already trained to (its sweep is resumed)."""
+    return stop < cfg.trainer.epochs and len(tracking.logged_epochs(client, run.info.run_id)) >= stop
 
 
 def resume_point(client: MlflowClient, previous: Run) -> checkpoint.Checkpoint | None:
@@ -144,14 +182,15 @@ def resume_point(client: MlflowClient, previous: Run) -> checkpoint.Checkpoint |
     return state
 
 
-def fit_and_record(cfg: DictConfig, client: MlflowClient, previous: Run | None) -> float:
-    """Inside the active run: log the config, load data, fit (from the checkpoint, if continuing), evaluate on the
-    test set, log figures and model."""
+def fit_and_record(cfg: DictConfig, client: MlflowClient, previous: Run | None, stop: int) -> float:
+    """Inside the active run: log the config, load data, fit up to epoch `stop` (from the checkpoint, if
+    continuing), then, if that is the last epoch, evaluate on the test set and log figures and model."""
     if previous is None:
         tracking.log_config(cfg, task_overrides())
     split, dataset = load_split(cfg)
     if previous is None:
         tracking.log_data_source(dataset.source, data.SHA256)
+        tracking.log_datasets(split, dataset.source, data.SHA256, cfg.data, cfg.trainer.seed)
         mlflow.log_params({"n_train": len(split.y_train), "n_val": len(split.y_val), "n_test": len(split.y_test)})
     keras.backend.clear_session()  # jobs of a sweep share this process: start each from a clean Keras state
     keras.utils.set_random_seed(cfg.trainer.seed)
@@ -168,13 +207,13 @@ def fit_and_record(cfg: DictConfig, client: MlflowClient, previous: Run | None) 
     recorder = tracking.EpochRecorder(state.history if state else {}, state.fit_seconds if state else 0.0)
     n, batch_size = len(split.y_train), cfg.trainer.batch_size
     model.fit(
-        training_batches(split.x_train, split.y_train, batch_size, cfg.trainer.seed, first_epoch, cfg.trainer.epochs),
+        training_batches(split.x_train, split.y_train, batch_size, cfg.trainer.seed, first_epoch, stop),
         steps_per_epoch=math.ceil(n / batch_size),
-        epochs=cfg.trainer.epochs,
+        epochs=stop,
         initial_epoch=first_epoch,
         validation_data=(split.x_val, split.y_val),
         validation_batch_size=cfg.trainer.eval_batch_size,
-        callbacks=[guard, recorder],
+        callbacks=[guard, recorder, progress_log(client, first_epoch, stop)],
         shuffle=False,  # training_batches shuffles, per epoch, reproducibly
         verbose=cfg.trainer.verbose,
     )
@@ -183,6 +222,8 @@ def fit_and_record(cfg: DictConfig, client: MlflowClient, previous: Run | None) 
     if guard.reason is not None:
         mlflow.set_tag("diverged", "true")
         raise Diverged(f"{guard.reason}; training stopped")
+    if stop < cfg.trainer.epochs:
+        raise tracking.Paused(stop, min(history["val_loss"], default=math.inf))
 
     started = time.perf_counter()
     probabilities = model.predict(split.x_test, batch_size=cfg.trainer.eval_batch_size, verbose=0)

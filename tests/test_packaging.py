@@ -19,6 +19,8 @@ def test_wheel_carries_the_configs_and_hydra_finds_them(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     for yaml in ROOT.joinpath("conf").rglob("*.yaml"):
         assert f"fashion_sweep/conf/{yaml.relative_to(ROOT / 'conf')}" in names
+    assert "hydra_plugins/fashion_sweep_halving/halving_sweeper.py" in names
+    assert "hydra_plugins/__init__.py" not in names  # a namespace package, shared with Hydra's own plugins
 
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site), str(wheel)],
@@ -29,18 +31,21 @@ def test_wheel_carries_the_configs_and_hydra_finds_them(tmp_path: Path) -> None:
         "with hydra.initialize_config_module(version_base='1.3', config_module='fashion_sweep.conf'):\n"
         "    cfg = hydra.compose('config', overrides=['experiment=lr_sweep', 'model=cnn_bn'])\n"
         "print(cfg.model.name, cfg.sweep_name)\n"
+        "from hydra.core.plugins import Plugins\n"  # Hydra's own scan finds the sweeper in an installed wheel
+        "from hydra.plugins.sweeper import Sweeper\n"
+        "print(*sorted(c.__name__ for c in Plugins.instance().discover(Sweeper)))\n"
     )
     out = subprocess.run([sys.executable, "-c", compose, str(site)], env={"PYTHONPATH": str(site)}, cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["cnn_bn", "lr_sweep"]
+    assert out.stdout.split() == ["cnn_bn", "lr_sweep", "BasicSweeper", "HalvingSweeper"]
 
 
 def test_help_lists_the_config_groups(tmp_path: Path) -> None:
     proc = run_script("fashion-sweep", "--help", cwd=tmp_path, timeout=120)
     assert proc.returncode == 0
     for line in ("model: cnn_bn, mlp, readme_cnn, seed_cnn", "optimizer: adam, adamw, rmsprop, sgd",
-                 "experiment: lr_sweep, optimizer_sweep"):  # fmt: skip
+                 "experiment: lr_find, lr_sweep, optimizer_sweep"):  # fmt: skip
         assert line in proc.stdout
 
 

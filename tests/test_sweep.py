@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -205,3 +206,16 @@ def test_lr_series_groups_by_the_other_swept_values_and_marks_unfinished_runs() 
     series = lr_series(rows, [LR, "optimizer.name"])
     assert series["optimizer.name=adam"] == ([0.001, 0.01], [0.2, 0.3], [1.2, 1.3])
     assert series["optimizer.name=sgd"] == ([0.1], [math.inf], [math.inf])
+
+
+def test_each_epoch_logs_job_epoch_and_the_sweeps_time_left(lr_sweep) -> None:
+    tmp, proc = lr_sweep
+    lines = [line.split(" - ", 1)[1] for line in proc.stdout.splitlines() if "% done, ~" in line]
+    assert [line.split(" · ")[:2] for line in lines] == [["job 1/3", "epoch 1/1"], ["job 2/3", "epoch 1/1"],
+                                                         ["job 3/3", "epoch 1/1"]]  # fmt: skip
+    shares = [line.split(" · ")[2] for line in lines]
+    for share, percent in zip(shares, ("33", "66", "100"), strict=True):
+        assert re.fullmatch(percent + r"% done, ~\d+ s left \(~\d\d:\d\d\)", share), share
+    client = MlflowClient(store_uri(tmp / "mlruns"))
+    (parent,) = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.sweep_role='parent'")
+    assert parent.data.tags["progress"].startswith("finished after ")

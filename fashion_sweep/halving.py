@@ -1,0 +1,147 @@
+"""Successive halving over a sweep's jobs: the epochs of each rung, which jobs go on, and the rungs' launches.
+
+Owns the rung schedule and the promotion rule; training is train.py's (a job trains up to its rung's epoch,
+ends SCHEDULED, and later continues from its checkpoint). Hydra's plugin class is a thin shell in
+hydra_plugins/fashion_sweep_halving. Imports no TensorFlow: Hydra loads this module to build its plugin list.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.plugins.launcher import Launcher
+from omegaconf import DictConfig, OmegaConf
+
+from fashion_sweep import progress
+
+log = logging.getLogger(__name__)
+
+STOP_EPOCH_ENV = "FASHION_SWEEP_STOP_EPOCH"  # a job trains up to this epoch, then waits (set per rung via env_set)
+
+
+def rungs(epochs: int, min_epochs: int, eta: int) -> list[int]:
+    """The epochs at which jobs are compared: min_epochs, x eta, x eta^2, ... while a rung leaves at least a
+    factor eta to the next, then `epochs` itself. rungs(10, 1, 3) == [1, 3, 10]; rungs(20, 2, 3) == [2, 6, 20]."""
+    points = []
+    epoch = min_epochs
+    while epoch * eta <= epochs:
+        points.append(epoch)
+        epoch *= eta
+    return [*points, epochs]
+
+
+def survivors(results: Sequence[float], eta: int) -> list[int]:
+    """Indices of the jobs that go on: the best ceil(n / eta) by result (lowest first), never a non-finite one
+    (a diverged job is pruned at once)."""
+    ranked = sorted((i for i, value in enumerate(results) if math.isfinite(value)), key=lambda i: results[i])
+    return sorted(ranked[: math.ceil(len(results) / eta)])
+
+
+def expand(params: dict[str, Any] | None, arguments: Sequence[str]) -> list[list[str]]:
+    """Every job's overrides, as Hydra's basic sweeper expands them: hydra.sweeper.params first, then the
+    command line, key by key (a key given on the command line replaces the preset's list)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # its expansion, so both sweepers agree
+
+    lines = [*(f"{key}={value}" for key, value in (params or {}).items()), *arguments]
+    parsed = OverridesParser.create().parse_overrides(lines)
+    return [list(job) for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None) for job in batch]
+
+
+def check_plan(jobs: list[list[str]], eta: int, min_epochs: int, epochs: int) -> None:
+    """Refuse, in one line, settings successive halving cannot run."""
+    if not (isinstance(eta, int) and eta >= 2):
+        raise ValueError(f"hydra.sweeper.eta={eta} must be a whole number >= 2")
+    if not (isinstance(min_epochs, int) and 1 <= min_epochs <= epochs):
+        allowed = f"a whole number in [1, trainer.epochs={epochs}]"
+        raise ValueError(f"hydra.sweeper.min_epochs={min_epochs} must be {allowed}")
+    if len({o for job in jobs for o in job if o.lstrip("+").startswith("trainer.epochs=")}) > 1:
+        raise ValueError("trainer.epochs sets the last rung of hydra/sweeper=halving; set it once, do not sweep it")
+
+
+def stages(n: int, before: int, schedule: list[int], eta: int) -> list[tuple[int, int, int]]:
+    """The rungs still to run after epoch `before`, as (jobs, from epoch, to epoch): ceil(n / eta) jobs go on at
+    each, and a single job goes straight to the last epoch (nothing left to compare it with)."""
+    planned = []
+    for stop in [epoch for epoch in schedule if epoch > before]:
+        stop = schedule[-1] if n == 1 else stop
+        planned.append((n, before, stop))
+        if stop == schedule[-1]:
+            break
+        n, before = math.ceil(n / eta), stop
+    return planned
+
+
+def sweep(launcher: Launcher, config: DictConfig, params: dict | None, arguments: list[str], eta: int, min_epochs: int):
+    """Run the rungs: every job up to the first rung's epoch, then the best 1/eta of them to the next, and so on;
+    the rest are pruned (their runs end FINISHED, tagged pruned and pruned_at_epoch). Returns Hydra's JobReturns."""
+    jobs = expand(params, arguments)
+    epochs = int(config.trainer.epochs)
+    check_plan(jobs, eta, min_epochs, epochs)
+    schedule = rungs(epochs, min_epochs, eta)
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(config, sweep_dir / "multirun.yaml")  # as the basic sweeper does
+    parent = ParentRun(str(config.tracking.uri), schedule)
+
+    active, before, done, job_idx, returns, started = list(range(len(jobs))), 0, 0, 0, [], time.time()
+    for rung in itertools.count(1):
+        remaining = stages(len(active), before, schedule, eta)
+        stop = remaining[0][2]
+        stage = f"rung {rung}/{rung - 1 + len(remaining)}"
+        total = done + sum(n * (to - start) for n, start, to in remaining)
+        parent.plan(progress.Plan(started, total, done, job_idx, [(before, stop)] * len(active), stage))
+        log.info("Halving %s: %d jobs from epoch %d up to epoch %d", stage, len(active), before, stop)
+        batch = [[*jobs[i], f"++hydra.job.env_set.{STOP_EPOCH_ENV}={stop}"] for i in active]
+        results = launcher.launch(batch, initial_job_idx=job_idx)  # a running index: job folders are not reused
+        job_idx, done = job_idx + len(batch), done + len(batch) * (stop - before)
+        returns.append(results)
+        values = [float(result.return_value) for result in results]  # re-raises a failed job's error
+        keep = [] if stop == epochs else survivors(values, eta)
+        if stop < epochs:
+            parent.prune([jobs[active[i]] for i in range(len(active)) if i not in keep], stop)
+        active, before = [active[i] for i in keep], stop
+        if not active:
+            return returns
+
+
+class ParentRun:
+    """What a halving sweep records on its parent run (found through tracking.PARENT_RUN_ENV): the rungs, the
+    progress plan of each rung, and the pruned children."""
+
+    def __init__(self, tracking_uri: str, schedule: list[int]) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from fashion_sweep import tracking  # TensorFlow: only once a sweep runs
+
+        self.tracking = tracking
+        self.run_id = os.environ.get(tracking.PARENT_RUN_ENV)
+        self.client = MlflowClient(tracking_uri)
+        if self.run_id:
+            self.client.set_tag(self.run_id, "halving_rungs", ",".join(map(str, schedule)))
+
+    def plan(self, plan: progress.Plan) -> None:
+        if self.run_id:
+            self.client.set_tag(self.run_id, progress.PLAN_TAG, plan.to_json())
+
+    def prune(self, jobs: list[list[str]], epoch: int) -> None:
+        if not self.run_id:
+            return
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        for overrides in jobs:
+            key = self.tracking.job_key(overrides)
+            run = self.tracking.job_run(self.client, experiment_id, self.run_id, key)
+            if run is None:
+                continue
+            self.client.set_tag(run.info.run_id, "pruned", "true")
+            self.client.set_tag(run.info.run_id, "pruned_at_epoch", str(epoch))
+            if run.info.status == "SCHEDULED":
+                self.client.set_terminated(run.info.run_id, "FINISHED")
+            log.info("Pruned at epoch %d: %s", epoch, " ".join(overrides))

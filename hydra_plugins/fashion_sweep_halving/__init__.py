@@ -1,0 +1,1 @@
+"""fashion-sweep's Hydra plugins: `hydra/sweeper=halving` (successive halving)."""
