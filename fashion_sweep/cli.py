@@ -54,6 +54,8 @@ def interrupted_message() -> str:
     run_id = getattr(tracking, "last_run_id", None)
     if run_id is None:
         return "fashion-sweep: interrupted before any run started"
+    if "fashion_sweep.lr_find" in sys.modules:  # an LR range test is short and not resumed
+        return f"fashion-sweep: interrupted; LR range test run {run_id} is marked KILLED in MLflow (run it again)"
     return f"fashion-sweep: interrupted; run {run_id} is marked KILLED in MLflow (fashion-sweep-resume continues it)"
 
 
