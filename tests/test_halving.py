@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 import signal
 from pathlib import Path
@@ -99,6 +100,16 @@ def test_halving_prunes_and_continues_survivors_in_their_own_runs(halved) -> Non
     check_halved(tmp)
     assert "Halving rung 2/2: 2 jobs from epoch 1 up to epoch 3" in proc.stdout
     assert sorted(p.name for p in (tmp / "multirun").iterdir() if p.name.isdigit()) == list("012345")
+
+
+def test_the_report_compares_all_runs_at_each_rung_and_ranks_the_pruned_after(halved) -> None:
+    tmp, proc = halved
+    with open(tmp / "multirun" / "report" / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["optimizer.lr"], r["status"]) for r in rows][:2] == [("0.001", "FINISHED"), ("0.0001", "FINISHED")]
+    assert sorted(r["status"] for r in rows[2:]) == ["DIVERGED", "PRUNED"]
+    assert all(r["val_loss@1"] for r in rows) and [bool(r["val_loss@3"]) for r in rows] == [True, True, False, False]
+    assert "val_loss@1 | val_loss@3" in proc.stdout  # the table printed at the end
 
 
 def test_halving_under_joblib(tmp_path: Path) -> None:
