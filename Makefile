@@ -6,7 +6,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PORT ?= 5000
 ARGS ?=  # extra Hydra overrides for `make sweep`, e.g. ARGS="data.train_size=2000 trainer.epochs=1"
 
-.PHONY: sweep test bench lint ui setup data browser clean
+.PHONY: sweep test bench lint ui server setup data browser clean
 
 sweep: setup data  ## the main job: the learning-rate sweep (experiment=lr_sweep) into ./mlruns
 	$(BIN)/fashion-sweep --multirun experiment=lr_sweep $(ARGS)
@@ -24,6 +24,9 @@ lint: setup  ## ruff and mypy, as CI runs them
 
 ui: setup  ## the MLflow UI on ./mlruns at http://127.0.0.1:$(PORT)
 	$(BIN)/fashion-sweep-ui --port $(PORT)
+
+server: setup  ## fashion-sweep-server (MLflow tracking server, artifacts proxied) on ./mlruns, 127.0.0.1:$(PORT)
+	$(BIN)/fashion-sweep-server --port $(PORT)
 
 setup: $(BIN)/.installed
 

@@ -67,6 +67,9 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.diverge_loss", lambda v: _number(v) and v > 0, "a number > 0"),
     ("data.val_fraction", lambda v: _number(v) and 0 < v < 1, "a number between 0 and 1"),
     ("data.train_size", lambda v: v is None or (_whole(v) and 100 <= v <= 60000), "null or 100..60000"),
+    ("tracking.request_retries", lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
+    ("tracking.request_backoff", lambda v: _whole(v) and v >= 0, "a whole number of seconds >= 0"),
+    ("tracking.request_timeout", lambda v: _number(v) and v > 0, "a number of seconds > 0"),
     ("lr_find.start_lr", lambda v: _number(v) and v > 0, "a number > 0"),
     ("lr_find.end_lr", lambda v: _number(v) and v > 0, "a number > 0 (and > lr_find.start_lr)"),
     ("lr_find.steps", lambda v: _whole(v) and v >= 2, "a whole number >= 2"),
@@ -174,6 +177,6 @@ def check_launch(cfg: DictConfig, choices: Mapping[str, Any]) -> None:
     validate(cfg, choices)
     try:
         data.locate_once(cfg.data.dir, cfg.data.system_dir, cfg.data.cache_dir, cfg.data.url)
-        tracking.check_store(str(cfg.tracking.uri), cfg.tracking.artifact_location)
+        tracking.check_store(str(cfg.tracking.uri), cfg.tracking.artifact_location, str(cfg.tracking.experiment))
     except (data.DataError, tracking.StoreError) as err:
         raise ConfigError(str(err)) from None

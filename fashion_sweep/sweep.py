@@ -20,7 +20,7 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from fashion_sweep import backend, compare, halving, progress
 from fashion_sweep.config import check_launch, validate
@@ -78,9 +78,10 @@ class MlflowSweep(Callback):
     """Hydra callback: opens the parent run before any job (or reopens it, when fashion-sweep-resume continues a
     sweep) and ends it, with the report, after the last.
 
-    Jobs find the parent through the environment variable tracking.PARENT_RUN_ENV, which joblib's worker
-    processes inherit. In hydra-core 1.3.8 a failed job makes the sweeper re-raise and on_multirun_end is
-    never called, so the parent is also closed at interpreter exit: KILLED if Ctrl-C or SIGTERM stopped the sweep.
+    Jobs find the parent through the environment variable tracking.PARENT_RUN_ENV, set for each by its own
+    config (hydra.job.env_set), so that joblib's and Ray's workers get it too. In hydra-core 1.3.8 a failed job
+    makes the sweeper re-raise and on_multirun_end is never called, so the parent is also closed at interpreter
+    exit: KILLED if Ctrl-C or SIGTERM stopped the sweep.
     """
 
     def __init__(self) -> None:
@@ -134,7 +135,11 @@ class MlflowSweep(Callback):
             params = config.hydra.sweeper.get("params")
             sweep = {"overrides": list(overrides.task), "sweeper_params": params or {}}
             client.log_text(self.parent_run_id, OmegaConf.to_yaml(sweep), "sweep.yaml")
-        os.environ[tracking.PARENT_RUN_ENV] = self.parent_run_id
+        os.environ[tracking.PARENT_RUN_ENV] = self.parent_run_id  # for this process (the halving sweeper)
+        # Every job gets it through its own config, whichever launcher runs it: load_sweep_config composes each
+        # job from these Hydra overrides (hydra-core 1.3.8), and Ray's workers do not inherit this environment.
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.overrides.hydra.append(f"++hydra.job.env_set.{tracking.PARENT_RUN_ENV}={self.parent_run_id}")
         verb = "continues" if resumed else "is"
         log.info("Sweep %s parent MLflow run %s", verb, self.parent_run_id)
 
@@ -186,8 +191,11 @@ class MlflowSweep(Callback):
             client.log_metric(run_id, "best_test_accuracy", report.best["test_accuracy"])
         print(compare.markdown(report.table, report.terminal_columns))
         print(f"{report.best_is}.\nReport: {self.report_dir}  (also on MLflow run {run_id})")
-        ui = Path(sys.executable).parent / "fashion-sweep-ui"  # next to this Python, e.g. .venv/bin/
-        print(f"Browse the runs: {ui} --tracking-uri {self.uri}   then open http://127.0.0.1:5000")
+        if self.uri.startswith(("http://", "https://")):  # the server is the UI
+            print(f"Browse the runs: {self.uri}")
+        else:
+            ui = Path(sys.executable).parent / "fashion-sweep-ui"  # next to this Python, e.g. .venv/bin/
+            print(f"Browse the runs: {ui} --tracking-uri {self.uri}   then open http://127.0.0.1:5000")
         return report
 
 

@@ -18,6 +18,7 @@ import tempfile
 import time
 import traceback
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Iterator
@@ -54,8 +55,9 @@ class StoreError(Exception):
     """The tracking store cannot work: unknown scheme, unwritable path, unreachable server."""
 
 
-def check_store(uri: str, artifact_location: str | None) -> None:
-    """Raise StoreError unless uri names a store MLflow can write to; creates nothing in MLflow."""
+def check_store(uri: str, artifact_location: str | None, experiment: str | None = None) -> None:
+    """Raise StoreError unless uri names a store MLflow can write to (and, through a server, an experiment whose
+    artifacts every machine can reach); creates nothing in MLflow."""
     scheme = urlparse(uri).scheme.split("+")[0]
     if scheme not in STORE_SCHEMES:
         raise StoreError(
@@ -67,12 +69,40 @@ def check_store(uri: str, artifact_location: str | None) -> None:
         if artifact_location:
             writable_folder(Path(artifact_location), f"tracking.artifact_location={artifact_location}")
     elif scheme in ("http", "https"):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=SERVER_CHECK_SECONDS) as response:
-                response.read()
-        except (OSError, urllib.error.URLError) as err:
-            reason = getattr(err, "reason", err)
-            raise StoreError(f"tracking.uri={uri}: no MLflow server answers there ({reason})") from None
+        server_get(uri, "/health")
+        if artifact_location and urlparse(artifact_location).scheme in ("", "file"):
+            raise StoreError(
+                f"tracking.artifact_location={artifact_location} is a folder of one machine, but runs reach the "
+                f"store through the server {uri}: set tracking.artifact_location=null (the server's artifact store)"
+            )
+        if experiment:
+            check_artifact_root(uri, experiment)
+
+
+def server_get(uri: str, path: str) -> bytes:
+    """One GET to an MLflow server with a short timeout (MLflow's own client retries for minutes)."""
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + path, timeout=SERVER_CHECK_SECONDS) as response:
+            return response.read()
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return b""
+        raise StoreError(f"tracking.uri={uri}: the server answered {err.code} to {path}") from None
+    except (OSError, urllib.error.URLError) as err:
+        reason = getattr(err, "reason", err)
+        raise StoreError(f"tracking.uri={uri}: no MLflow server answers there ({reason})") from None
+
+
+def check_artifact_root(uri: str, experiment: str) -> None:
+    """An existing experiment must keep its artifacts where the server, not one machine's disk, holds them."""
+    query = urllib.parse.urlencode({"experiment_name": experiment})
+    answer = server_get(uri, f"/api/2.0/mlflow/experiments/get-by-name?{query}")
+    location = json.loads(answer or b"{}").get("experiment", {}).get("artifact_location", "")
+    if location and urlparse(location).scheme in ("", "file"):
+        raise StoreError(
+            f"experiment {experiment!r} keeps its artifacts in {location}, a folder of one machine, but runs reach "
+            f"it through the server {uri}: pick a new tracking.experiment=NAME (it gets the server's artifact store)"
+        )
 
 
 def writable_folder(folder: Path, what: str) -> None:
@@ -88,6 +118,10 @@ def writable_folder(folder: Path, what: str) -> None:
 def connect(cfg: DictConfig) -> str:
     """Point MLflow at cfg.uri, create the store and experiment if missing; return the experiment id."""
     uri = str(cfg.uri)
+    if "request_retries" in cfg:  # a server: how long each request waits for it, explicit and bounded
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(cfg.request_retries)
+        os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(cfg.request_backoff)
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(cfg.request_timeout)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
