@@ -51,7 +51,8 @@ def markdown(rows: list[dict], settings: dict, cpu: dict) -> str:
     lines = [
         f"# Which learning rate: grid vs successive halving vs LR range test ({date.today()})",
         "",
-        f"CPU: {cpu['cpu']}, {cpu['cores']} cores, flags {', '.join(cpu['simd'])}. Settings: {json.dumps(settings)}.",
+        f"CPU: {cpu['cpu']}, {cpu['cores']} cores, flags {', '.join(cpu['simd'])}; trainer.precision="
+        f"{cpu['auto_precision']}. Settings: {json.dumps(settings)}.",
         "Each method ran once, one after the other, on the same data and epochs (`python -m benchmarks.halving`).",
         "",
         *table(
@@ -85,7 +86,7 @@ def main() -> None:
         overrides.append(f"data.train_size={args.train_size}")
     settings = {"train_size": args.train_size or "all", "epochs": args.epochs}
     cpu = machine()
-    print(f"CPU: {cpu['cpu']} ({', '.join(cpu['simd'])})", flush=True)
+    print(f"CPU: {cpu['cpu']} ({', '.join(cpu['simd'])}); trainer.precision={cpu['auto_precision']}", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         rows = compare_methods(Harness(Path(folder)), overrides)
     report = markdown(rows, settings, cpu)

@@ -17,7 +17,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from benchmarks.run import images_per_second, timed
+from benchmarks.run import images_per_second, machine, timed
 
 OPTIONS = {
     "plain": "the baseline as it is",
@@ -85,7 +85,11 @@ def main() -> None:
         print(json.dumps(train_once(args.one, args.epochs, args.train_size)))
         return
     setting = (args.epochs, args.train_size)
+    cpu = machine()
     lines = [
+        f"CPU: {cpu['cpu']}, {cpu['cores']} cores, flags {', '.join(cpu['simd'])}; trainer.precision="
+        f"{cpu['auto_precision']}.",
+        "",
         f"Measured {date.today()}: {args.pairs} interleaved pairs per option, {args.epochs} epochs per process "
         f"(the first is the warm-up) on a {args.train_size}-image slice (90% trained on, 10% validation).",
         "",

@@ -33,6 +33,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from benchmarks.flops import matmul_peak, training_flops_per_image
+from fashion_sweep.backend import choose_precision
 from fashion_sweep.models import build_model
 
 HERE = Path(__file__).parent
@@ -236,6 +237,7 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1),
         "simd": [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags],
+        "auto_precision": " ".join(choose_precision("auto", set(flags))),  # what trainer.precision=auto picks here
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
@@ -269,7 +271,8 @@ def markdown(results: dict[str, Any]) -> str:
     m, t, u = results["machine"], results["throughput"], results["utilisation"]
     lines = [
         f"Measured {results['date']} ({results['setting']} setting, {results['wall_minutes']:.1f} min) on "
-        f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB, SIMD {'/'.join(m['simd'])}; "
+        f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB, SIMD {'/'.join(m['simd'])} "
+        f"(trainer.precision={m.get('auto_precision', 'auto: not recorded')}); "
         f"TensorFlow {m['tensorflow']}, Keras {m['keras']}, MLflow {m['mlflow']}.",
         "",
     ]

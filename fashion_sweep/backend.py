@@ -53,3 +53,23 @@ def import_tensorflow() -> None:
         import tensorflow as tf
 
         tf.config.list_physical_devices()  # the CUDA probe happens here, inside the filter
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags, as Linux lists them (empty where there is no /proc/cpuinfo)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def choose_precision(setting: str, flags: set[str]) -> tuple[str, str]:
+    """(precision, why) for trainer.precision: float32 and bfloat16 as asked; auto = bfloat16 only where the CPU
+    has AMX (amx_bf16), the one kind where mixed bfloat16 measured clearly faster here (1.92x on an Intel Xeon;
+    1.08x, within noise, on an AMD EPYC with AVX512_BF16; 0.23x on one without)."""
+    if setting != "auto":
+        return setting, "asked for"
+    if "amx_bf16" in flags:
+        return "bfloat16", "auto: this CPU has AMX (amx_bf16)"
+    return "float32", "auto: this CPU has no AMX"

@@ -19,6 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 MODELS = ("seed_cnn", "readme_cnn", "cnn_bn", "mlp")  # models.BUILDERS, named here so --help needs no Keras
 OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd")  # optimizers.OPTIMIZERS
+SCHEDULES = ("constant", "cosine", "one_cycle")  # optimizers.learning_rate
+AUGMENTS = ("none", "flip_shift")  # train.augment
+PRECISIONS = ("auto", "float32", "bfloat16")  # backend.choose_precision
 TASKS = ("train", "lr_find")  # what a job does: train.train or lr_find.lr_find (cli.py)
 GROUPS = ("data", "model", "optimizer", "trainer", "tracking", "lr_find")  # groups whose options are plain YAML schemas
 
@@ -67,6 +70,12 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.diverge_loss", lambda v: _number(v) and v > 0, "a number > 0"),
     ("data.val_fraction", lambda v: _number(v) and 0 < v < 1, "a number between 0 and 1"),
     ("data.train_size", lambda v: v is None or (_whole(v) and 100 <= v <= 60000), "null or 100..60000"),
+    ("optimizer.schedule", lambda v: v in SCHEDULES, f"one of {list(SCHEDULES)}"),
+    ("optimizer.warmup_fraction", lambda v: _number(v) and 0 < v < 1, "a share between 0 and 1"),
+    ("data.augment", lambda v: v in AUGMENTS, f"one of {list(AUGMENTS)}"),
+    ("data.max_shift", lambda v: _whole(v) and 0 <= v <= 14, "a whole number of pixels in 0..14"),
+    ("trainer.precision", lambda v: v in PRECISIONS, f"one of {list(PRECISIONS)}"),
+    ("trainer.label_smoothing", _rate, "a number in [0, 1)"),
     ("tracking.request_retries", lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
     ("tracking.request_backoff", lambda v: _whole(v) and v >= 0, "a whole number of seconds >= 0"),
     ("tracking.request_timeout", lambda v: _number(v) and v > 0, "a number of seconds > 0"),
@@ -152,7 +161,8 @@ def check_builds(cfg: DictConfig) -> None:
     from fashion_sweep.models import build_model  # Keras: imported only where a job needs it
     from fashion_sweep.optimizers import build_optimizer
 
-    for group, build in (("model", build_model), ("optimizer", build_optimizer)):
+    builders = {"model": build_model, "optimizer": lambda c: build_optimizer(c, total_steps=100)}  # and its schedule
+    for group, build in builders.items():
         try:
             build(cfg[group])
         except Exception as err:  # Keras raises ValueError, TypeError, ... with multi-line messages

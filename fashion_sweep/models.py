@@ -1,6 +1,8 @@
 """The networks: one builder per conf/model/*.yaml, each returning an uncompiled keras.Model.
 
-Owns the layer lists; every size and rate comes from the YAML. It does not compile, train or log.
+Owns the layer lists; every size and rate comes from the YAML. The output layer computes in float32 whatever
+the precision policy (Keras' advice for mixed precision: a softmax in bfloat16 loses too much). It does not
+compile, train or log.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ from keras import layers
 from omegaconf import DictConfig, OmegaConf
 
 from fashion_sweep.data import IMAGE_SHAPE, NUM_CLASSES
+
+
+def output_layer() -> layers.Layer:
+    """The 10-way softmax, in float32 under any precision policy."""
+    return layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32")
 
 
 def seed_cnn(
@@ -36,7 +43,7 @@ def seed_cnn(
             layers.Flatten(),
             layers.Dense(dense_units, activation="relu"),
             layers.Dropout(dense_dropout),
-            layers.Dense(NUM_CLASSES, activation="softmax"),
+            output_layer(),
         ],
         name=name,
     )
@@ -60,7 +67,7 @@ def cnn_bn(
             layers.BatchNormalization(),
             layers.ReLU(),
             layers.Dropout(dense_dropout),
-            layers.Dense(NUM_CLASSES, activation="softmax"),
+            output_layer(),
         ],
         name=name,
     )
@@ -72,7 +79,12 @@ def mlp(hidden_units: Sequence[int], dropout: float, name: str = "mlp") -> keras
     for n in hidden_units:
         hidden += [layers.Dense(n, activation="relu"), layers.Dropout(dropout)]
     return keras.Sequential(
-        [keras.Input(IMAGE_SHAPE), layers.Flatten(), *hidden, layers.Dense(NUM_CLASSES, activation="softmax")],
+        [
+            keras.Input(IMAGE_SHAPE),
+            layers.Flatten(),
+            *hidden,
+            output_layer(),
+        ],
         name=name,
     )
 

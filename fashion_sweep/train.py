@@ -20,7 +20,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from fashion_sweep import checkpoint, data, halving, plots, progress, tracking
+from fashion_sweep import backend, checkpoint, data, halving, plots, progress, tracking
 from fashion_sweep.models import build_model
 from fashion_sweep.optimizers import build_optimizer
 
@@ -86,21 +86,57 @@ def load_split(cfg: DictConfig) -> tuple[data.Split, data.FashionMNIST]:
     return data.split(dataset, cfg.data.val_fraction, cfg.data.train_size, cfg.trainer.seed), dataset
 
 
-def training_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, first_epoch: int, epochs: int):
-    """Shuffled batches for epochs first_epoch+1..epochs, each epoch's order drawn from (seed, epoch) alone:
-    a run continued at any epoch sees the data in the same order as one that was never interrupted."""
+def shift_and_flip(images: tf.Tensor, seed: tf.Tensor, max_shift: int) -> tf.Tensor:
+    """Each image flipped left-right with probability 1/2 and shifted by up to max_shift pixels each way (the freed
+    border black), drawn from seed alone (stateless), so a resumed run sees the same images."""
+    flip_seed, shift_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    images = tf.image.stateless_random_flip_left_right(images, flip_seed)
+    count = tf.shape(images)[0]
+    shifts = tf.random.stateless_uniform([count, 2], shift_seed, -max_shift, max_shift + 1, dtype=tf.int32)
+    dx, dy = tf.unstack(tf.cast(shifts, tf.float32), axis=1)
+    one, zero = tf.ones_like(dx), tf.zeros_like(dx)
+    transforms = tf.stack([one, zero, dx, zero, one, dy, zero, zero], axis=1)  # output(x, y) = input(x + dx, y + dy)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=transforms, output_shape=tf.shape(images)[1:3], fill_value=0.0,
+        interpolation="NEAREST", fill_mode="CONSTANT",
+    )  # fmt: skip
+
+
+def training_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, first_epoch: int, epochs: int,
+                     max_shift: int | None = None, label_smoothing: float = 0.0):  # fmt: skip
+    """Shuffled batches for epochs first_epoch+1..epochs, each epoch's order (and, with max_shift, each batch's
+    flips and shifts) drawn from (seed, epoch) alone: a run continued at any epoch sees the same data as one that
+    was never interrupted. With label_smoothing the labels are one-hot (the loss smooths them)."""
     images, labels = tf.constant(x), tf.constant(y)
 
     def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
         order = tf.random.experimental.stateless_shuffle(tf.range(len(x)), seed=tf.stack([seed, epoch]))
-        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
+        return batches.map(lambda number, index: (tf.stack([seed, epoch]), number, index))
+
+    def load(epoch_seed: tf.Tensor, number: tf.Tensor, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        batch, batch_labels = tf.gather(images, index), tf.gather(labels, index)
+        if max_shift is not None:
+            batch_seed = tf.random.experimental.stateless_fold_in(epoch_seed, number)
+            batch = shift_and_flip(batch, batch_seed, max_shift)
+        if label_smoothing:
+            batch_labels = tf.one_hot(tf.cast(batch_labels, tf.int32), data.NUM_CLASSES)
+        return batch, batch_labels
 
     return (
         tf.data.Dataset.range(first_epoch, epochs)
         .flat_map(one_epoch)
-        .map(lambda index: (tf.gather(images, index), tf.gather(labels, index)), num_parallel_calls=tf.data.AUTOTUNE)
+        .map(load, num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )
+
+
+def training_loss(label_smoothing: float) -> keras.losses.Loss | str:
+    """Cross-entropy on integer labels, or with label_smoothing on one-hot labels (Keras 3.15's sparse loss has no
+    smoothing): each target 1 - label_smoothing + label_smoothing / 10, the other classes label_smoothing / 10."""
+    if not label_smoothing:
+        return "sparse_categorical_crossentropy"
+    return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
 
 
 def task_overrides() -> list[str]:
@@ -194,10 +230,14 @@ def fit_and_record(cfg: DictConfig, client: MlflowClient, previous: Run | None, 
         mlflow.log_params({"n_train": len(split.y_train), "n_val": len(split.y_val), "n_test": len(split.y_test)})
     keras.backend.clear_session()  # jobs of a sweep share this process: start each from a clean Keras state
     keras.utils.set_random_seed(cfg.trainer.seed)
+    precision, why = backend.choose_precision(cfg.trainer.precision, backend.cpu_flags())
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+    mlflow.set_tags({"precision": precision, "precision_reason": why})
+    n, batch_size, smoothing = len(split.y_train), cfg.trainer.batch_size, cfg.trainer.label_smoothing
+    steps_per_epoch = math.ceil(n / batch_size)
     model = build_model(cfg.model)
-    model.compile(
-        optimizer=build_optimizer(cfg.optimizer), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
-    )
+    optimizer = build_optimizer(cfg.optimizer, total_steps=cfg.trainer.epochs * steps_per_epoch)
+    model.compile(optimizer=optimizer, loss=training_loss(smoothing), metrics=["accuracy"])
     state = resume_point(client, previous) if previous is not None else None
     if state is not None:
         checkpoint.restore(model, state)
@@ -205,13 +245,16 @@ def fit_and_record(cfg: DictConfig, client: MlflowClient, previous: Run | None, 
 
     guard = DivergenceGuard(cfg.trainer.diverge_loss)
     recorder = tracking.EpochRecorder(state.history if state else {}, state.fit_seconds if state else 0.0)
-    n, batch_size = len(split.y_train), cfg.trainer.batch_size
+    max_shift = cfg.data.max_shift if cfg.data.augment == "flip_shift" else None
+    y_val = keras.utils.to_categorical(split.y_val, data.NUM_CLASSES) if smoothing else split.y_val
     model.fit(
-        training_batches(split.x_train, split.y_train, batch_size, cfg.trainer.seed, first_epoch, stop),
-        steps_per_epoch=math.ceil(n / batch_size),
+        training_batches(
+            split.x_train, split.y_train, batch_size, cfg.trainer.seed, first_epoch, stop, max_shift, smoothing
+        ),  # fmt: skip
+        steps_per_epoch=steps_per_epoch,
         epochs=stop,
         initial_epoch=first_epoch,
-        validation_data=(split.x_val, split.y_val),
+        validation_data=(split.x_val, y_val),  # never augmented
         validation_batch_size=cfg.trainer.eval_batch_size,
         callbacks=[guard, recorder, progress_log(client, first_epoch, stop)],
         shuffle=False,  # training_batches shuffles, per epoch, reproducibly
