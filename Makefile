@@ -6,12 +6,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PORT ?= 5000
 ARGS ?=  # extra Hydra overrides for `make sweep`, e.g. ARGS="data.train_size=2000 trainer.epochs=1"
 
-.PHONY: sweep test bench lint ui server setup data browser clean
+.PHONY: sweep test bench lint ui server setup data browser netns clean
 
 sweep: setup data  ## the main job: the learning-rate sweep (experiment=lr_sweep) into ./mlruns
 	$(BIN)/fashion-sweep --multirun experiment=lr_sweep $(ARGS)
 
-test: setup data browser  ## the whole test suite (real data, real MLflow, real Chromium)
+test: setup data browser netns  ## the whole test suite (real data, real MLflow, real Chromium, a real Ray cluster)
 	$(BIN)/python -m pytest
 
 bench: setup data  ## the benchmarks (benchmarks/README.md): ~25 minutes, results in benchmarks/results/
@@ -41,6 +41,10 @@ $(BIN)/.installed: pyproject.toml
 data:  ## Fashion-MNIST from Debian's dataset-fashion-mnist, unless it is there already
 	@[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || \
 	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist)
+
+netns:  ## unshare and ip (util-linux, iproute2): the Ray test runs in a loopback-only network namespace
+	@command -v unshare >/dev/null && command -v ip >/dev/null && command -v ss >/dev/null || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq util-linux iproute2)
 
 browser:  ## Debian's Chromium, for the UI test
 	@command -v chromium >/dev/null || \

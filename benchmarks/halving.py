@@ -16,7 +16,7 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-from benchmarks.run import HERE, Harness, machine, table
+from benchmarks.run import HERE, Harness, machine, table, write_results
 
 
 def parent_param(harness: Harness, key: str) -> str:
@@ -89,11 +89,7 @@ def main() -> None:
     print(f"CPU: {cpu['cpu']} ({', '.join(cpu['simd'])}); trainer.precision={cpu['auto_precision']}", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         rows = compare_methods(Harness(Path(folder)), overrides)
-    report = markdown(rows, settings, cpu)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{date.today()}-halving-{args.train_size or 'full'}.md"
-    path.write_text(report)
-    print(report + f"\nWritten to {path}")
+    write_results(args.out, f"halving-{args.train_size or 'full'}", markdown(rows, settings, cpu))
 
 
 if __name__ == "__main__":

@@ -229,6 +229,14 @@ def sweep_scaling(harness: Harness, s: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def write_results(out: Path, name: str, report: str) -> None:
+    """report into out/<date>-<name>.md, printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{date.today()}-{name}.md"
+    path.write_text(report)
+    print(report + f"\nWritten to {path}")
+
+
 def machine() -> dict[str, Any]:
     cpuinfo = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
     cpu, flags = cpuinfo.get("model name\t", "?").strip(), cpuinfo.get("flags\t\t", "").split()

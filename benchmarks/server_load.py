@@ -161,7 +161,7 @@ def main() -> None:
         url, experiment_id, runs, epochs, start_at = args.writer
         return write(url, experiment_id, int(runs), int(epochs), float(start_at))
 
-    from benchmarks.run import machine
+    from benchmarks.run import machine, write_results  # TensorFlow comes with them: not in the writers
 
     cpu = machine()
     results: dict[str, list[dict]] = {}
@@ -170,11 +170,7 @@ def main() -> None:
             results["SQLite"] = [load(url, n, args.runs, args.epochs) for n in WRITERS]
         with postgres() as backend, server(backend, Path(folder, "b")) as url:
             results["PostgreSQL"] = [load(url, n, args.runs, args.epochs) for n in WRITERS]
-    report = markdown(results, {"runs": args.runs, "epochs": args.epochs}, cpu)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{date.today()}-server-load.md"
-    path.write_text(report)
-    print(report + f"\nWritten to {path}")
+    write_results(args.out, "server-load", markdown(results, {"runs": args.runs, "epochs": args.epochs}, cpu))
 
 
 if __name__ == "__main__":
