@@ -77,6 +77,7 @@ def check_halved(tmp: Path) -> None:
     pruned = {lr for lr, run in jobs.items() if run.data.tags.get("pruned") == "true"}
     assert pruned == {"1e-05", "0.3"}
     for lr, run in jobs.items():
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.info.status == ("FAILED" if lr == "0.3" else "FINISHED")  # a diverged run stays what it was
         if lr in pruned:
             assert run.data.tags["pruned_at_epoch"] == "1" and "test_accuracy" not in run.data.metrics
@@ -112,7 +113,8 @@ def test_the_report_compares_all_runs_at_each_rung_and_ranks_the_pruned_after(ha
     assert "val_loss@1 | val_loss@3" in proc.stdout  # the table printed at the end
 
 
-def test_halving_under_joblib(tmp_path: Path) -> None:
+def test_halving_under_joblib_into_a_new_store(tmp_path: Path) -> None:
+    assert not (tmp_path / "mlruns").exists()  # two workers meet a new SQLite store: nothing may be lost
     joblib = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     proc = fashion_sweep(tmp_path, *HALVING, *joblib, "trainer.verbose=0", "tracking.log_model=false")
     assert proc.returncode == 0, proc.stderr

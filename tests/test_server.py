@@ -48,13 +48,13 @@ def test_a_sweep_through_the_server_loses_nothing_when_the_server_restarts(tmp_p
     store, port = tmp_path / "server", free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(store, port)
-    command = sweep_command(tmp_path, url, "optimizer.lr=0.001,0.003", "data.train_size=2000", "trainer.epochs=3")
+    command = sweep_command(tmp_path, url, "optimizer.lr=0.001", "data.train_size=2000", "trainer.epochs=3")
     sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)  # fmt: skip
     try:
         assert sweep.stdout is not None
         for line in sweep.stdout:
-            if "job 1/2 · epoch 1/3" in line:  # its first epoch is in the store; the rest must wait for the server
+            if "epoch 1/3" in line:  # its first epoch is in the store; the rest must wait for the server
                 break
         stop_group(server)
         time.sleep(30)  # the server is down for 30 s (of the ~65 s tracking=server's retries wait)
@@ -72,7 +72,7 @@ def test_a_sweep_through_the_server_loses_nothing_when_the_server_restarts(tmp_p
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
     children = [r for r in runs if r is not parent]
-    assert parent.info.status == "FINISHED" and len(children) == 2 and "best_lr" in parent.data.params
+    assert parent.info.status == "FINISHED" and len(children) == 1 and "best_lr" in parent.data.params
     for child in children:
         assert child.info.status == "FINISHED"
         for metric in EPOCH_METRICS:

@@ -113,22 +113,6 @@ def test_crashing_job_fails_the_sweep_but_not_the_others(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_joblib_launcher_into_a_new_store_loses_nothing(tmp_path: Path) -> None:
-    assert not (tmp_path / "mlruns").exists()
-    joblib = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
-    lrs = "optimizer.lr=0.0003,0.001,0.003"
-    proc = fashion_sweep(tmp_path, "-m", *joblib, lrs, *QUICK, "trainer.epochs=2", "tracking.log_model=false")
-    assert proc.returncode == 0, proc.stderr
-    parent, children = parent_and_children(tmp_path)
-    assert parent.info.status == "FINISHED" and len(children) == 3
-    client = MlflowClient(store_uri(tmp_path / "mlruns"))
-    for child in children:
-        assert child.info.status == "FINISHED"
-        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        for metric in ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds"):
-            assert sorted(p.step for p in client.get_metric_history(child.info.run_id, metric)) == [1, 2]
-
-
 def test_compare_errors_are_one_line(tmp_path: Path, lr_sweep) -> None:
     missing = run_script("fashion-sweep-compare", "--tracking-uri", store_uri(tmp_path / "none"), cwd=tmp_path)
     assert missing.returncode == 1 and "no MLflow store at" in missing.stderr
