@@ -52,6 +52,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("model.filters", _sizes, "a non-empty list of whole numbers >= 1"),
     ("model.hidden_units", _sizes, "a non-empty list of whole numbers >= 1"),
     ("model.dense_units", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+    ("model.convs_per_block", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
     ("model.conv_dropout", _rate, "a rate in [0, 1)"),
     ("model.dense_dropout", _rate, "a rate in [0, 1)"),
     ("model.dropout", _rate, "a rate in [0, 1)"),

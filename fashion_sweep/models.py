@@ -50,12 +50,18 @@ def seed_cnn(
 
 
 def cnn_bn(
-    filters: Sequence[int], conv_dropout: float, dense_units: int, dense_dropout: float, name: str = "cnn_bn"
+    filters: Sequence[int],
+    conv_dropout: float,
+    dense_units: int,
+    dense_dropout: float,
+    convs_per_block: int = 2,
+    name: str = "cnn_bn",
 ) -> keras.Model:
-    """Per filter count two [Conv2D-BatchNorm-ReLU], MaxPool, Dropout; then Dense-BatchNorm-ReLU-Dropout-Dense(10)."""
+    """Per filter count convs_per_block x [Conv2D-BatchNorm-ReLU], MaxPool, Dropout; then
+    Dense-BatchNorm-ReLU-Dropout-Dense(10). With convs_per_block=1 it is seed_cnn with batch norm (best_cnn)."""
     blocks = []
     for n in filters:
-        for _ in range(2):
+        for _ in range(convs_per_block):
             blocks += [layers.Conv2D(n, 3, padding="same", use_bias=False), layers.BatchNormalization(), layers.ReLU()]
         blocks += [layers.MaxPooling2D(), layers.Dropout(conv_dropout)]
     return keras.Sequential(
