@@ -54,6 +54,14 @@ def test_decoded_data_is_cached_per_process(fashion_dir: Path) -> None:
     assert data.load(fashion_dir) is data.load(fashion_dir)
 
 
+def test_jobs_with_one_data_setting_share_one_read_only_split(fashion_dir: Path) -> None:
+    first, dataset = data.load_split(fashion_dir, 0.1, 1000, 3)
+    assert data.load_split(fashion_dir, 0.1, 1000, 3)[0] is first and dataset is data.load(fashion_dir)
+    assert data.load_split(fashion_dir, 0.1, 1000, 4)[0] is not first
+    with pytest.raises(ValueError, match="read-only"):
+        first.x_train[0, 0, 0, 0] = 1.0  # a job changing the shared images would change the next job's data
+
+
 def copy_files(src: Path, dst: Path) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     for name in data.SHA256:
