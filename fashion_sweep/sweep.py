@@ -128,7 +128,10 @@ class MlflowSweep(Callback):
         launch = tracking.launch_record(
             config.hydra.runtime.cwd, overrides.task, overrides.hydra, sweep_dir=str(sweep_dir)
         )
-        tags = {"sweep_id": self.parent_run_id, "launch": launch, progress.PLAN_TAG: plan.to_json()}
+        # `progress` exists before any job runs, so jobs only update it: two jobs creating it at once (joblib)
+        # made one of them fail on SQLite's unique (key, run) constraint (mlflow 3.17).
+        tags = {"sweep_id": self.parent_run_id, "launch": launch, progress.PLAN_TAG: plan.to_json(),
+                progress.PROGRESS_TAG: "starting"}  # fmt: skip
         for key, value in {**tags, **tracking.process_tags()}.items():
             client.set_tag(self.parent_run_id, key, value)
         if not resumed:

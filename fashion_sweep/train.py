@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 from hydra.core.hydra_config import HydraConfig
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
@@ -63,7 +64,10 @@ class ProgressLog(keras.callbacks.Callback):
         line = progress.describe(self.plan, self.job_num, epoch + 1, time.time())
         log.info(line)
         if self.parent_run_id:
-            self.client.set_tag(self.parent_run_id, progress.PROGRESS_TAG, line)
+            try:
+                self.client.set_tag(self.parent_run_id, progress.PROGRESS_TAG, line)
+            except MlflowException as err:  # the parent's progress is a courtesy: never fail the job for it
+                log.warning("progress not mirrored on the sweep's parent run: %s", str(err).splitlines()[0])
 
 
 def progress_log(client: MlflowClient, first_epoch: int, stop: int) -> ProgressLog:
