@@ -42,7 +42,7 @@ def check(*overrides: str) -> DictConfig:
 def test_groups_offer_the_documented_options() -> None:
     assert options("model") == ["cnn_bn", "mlp", "readme_cnn", "seed_cnn"]
     assert options("optimizer") == ["adam", "adamw", "rmsprop", "sgd"]
-    assert options("experiment") == ["lr_find", "lr_sweep", "optimizer_sweep"]
+    assert options("experiment") == ["best_cnn", "lr_find", "lr_sweep", "optimizer_sweep"]
 
 
 def test_defaults_are_the_references() -> None:
@@ -76,12 +76,23 @@ def test_readme_cnn_is_the_write_ups_wider_variant() -> None:
     assert net.layers[0].filters == 128 and net.layers[0].kernel_size == (3, 3) and net.layers[4].units == 128
 
 
+def test_cnn_bn_stacks_convs_per_block_conv_batchnorm_relu_layers_per_block() -> None:
+    def kinds(*overrides: str) -> list[str]:
+        return [type(layer).__name__ for layer in build_model(composed("model=cnn_bn", *overrides).model).layers]
+
+    block = ["Conv2D", "BatchNormalization", "ReLU"]
+    head = ["Flatten", "Dense", "BatchNormalization", "ReLU", "Dropout", "Dense"]
+    pool = ["MaxPooling2D", "Dropout"]
+    assert kinds("model.filters=[8]") == block * 2 + pool + head
+    assert kinds("model.filters=[8,16]", "model.convs_per_block=1") == (block + pool) * 2 + head
+
+
 def test_sgd_has_nesterov_momentum() -> None:
     opt = build_optimizer(composed("optimizer=sgd").optimizer)
     assert opt.nesterov and opt.momentum == 0.9
 
 
-@pytest.mark.parametrize("preset", [p for p in options("experiment") if p != "lr_find"])  # lr_find: one run
+@pytest.mark.parametrize("preset", [p for p in options("experiment") if p not in ("lr_find", "best_cnn")])  # one run
 def test_every_sweep_preset_composes(preset: str) -> None:
     cfg = composed(f"experiment={preset}", hydra=True)
     assert cfg.sweep_name == preset

@@ -45,7 +45,7 @@ def test_help_lists_the_config_groups(tmp_path: Path) -> None:
     proc = run_script("fashion-sweep", "--help", cwd=tmp_path, timeout=120)
     assert proc.returncode == 0
     for line in ("model: cnn_bn, mlp, readme_cnn, seed_cnn", "optimizer: adam, adamw, rmsprop, sgd",
-                 "experiment: lr_find, lr_sweep, optimizer_sweep"):  # fmt: skip
+                 "experiment: best_cnn, lr_find, lr_sweep, optimizer_sweep"):  # fmt: skip
         assert line in proc.stdout
 
 
