@@ -210,12 +210,15 @@ def sweep_scaling(harness: Harness, s: dict[str, Any]) -> list[dict[str, Any]]:
         finished, runs = harness.run(
             f"optimizer.lr={rates}", "trainer.epochs=1", f"data.train_size={s['sweep_train_size']}", multirun=True
         )
+        runs = sorted(runs, key=lambda r: r.info.start_time)
         job_overheads = [(r.info.end_time - r.info.start_time) / 1000 - r.data.metrics["fit_seconds"] for r in runs]
         rows.append(
             {
                 "jobs": n,
                 "wall_seconds": finished.wall_seconds,
                 "per_job_overhead_seconds": statistics.mean(job_overheads),
+                "first_job_overhead_seconds": job_overheads[0],  # it also pays the process's one-time costs
+                "later_jobs_overhead_seconds": statistics.mean(job_overheads[1:]) if n > 1 else None,
                 "per_job_test_seconds": statistics.mean(r.data.metrics["test_seconds"] for r in runs),
                 "dataset_decodes": (finished.stdout + finished.stderr).count("Decoded Fashion-MNIST"),
                 "peak_rss_gb": finished.peak_rss_gb,

@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 import keras
+import pytest
 from keras import layers
 
+from benchmarks import job_overhead
 from benchmarks.flops import forward_macs, training_flops_per_image
 from tests.conftest import ROOT
 
@@ -54,6 +56,13 @@ def test_benchmarks_run_in_their_smallest_setting_and_write_results(tmp_path: Pa
     assert [r["jobs"] for r in results["sweep_scaling"]] == [1, 2]
     assert all(r["dataset_decodes"] == 1 for r in results["sweep_scaling"])  # once per process, not per job
     assert all(r["per_job_overhead_seconds"] > 0 for r in results["sweep_scaling"])
+    one, two = results["sweep_scaling"]
+    assert one["later_jobs_overhead_seconds"] is None and two["later_jobs_overhead_seconds"] > 0
+    assert two["per_job_overhead_seconds"] * 2 == pytest.approx(
+        two["first_job_overhead_seconds"] + two["later_jobs_overhead_seconds"]
+    )
+    overhead_table = job_overhead.markdown(results["sweep_scaling"], {}, results["machine"])
+    assert overhead_table.count("\n| ") == 3 and results["machine"]["cpu"] in overhead_table  # header + 2 rows
     assert set(results["targets"]) == {
         "throughput_ratio", "utilisation", "overhead_fraction_longest", "per_job_overhead_seconds",
         "peak_rss_gb_one_run",
@@ -71,3 +80,14 @@ def test_options_benchmark_runs_an_option_against_plain_keras(tmp_path: Path) ->
     (row,) = [line for line in table.read_text().splitlines() if line.startswith("| eval_batch_1024 |")]
     plain, option, ratio = (float(cell) for cell in row.strip("| ").split(" | ")[2:])
     assert plain > 0 and option > 0 and ratio > 0
+
+
+def test_best_cnn_benchmark_pairs_the_reference_and_the_preset(tmp_path: Path) -> None:
+    run_module("benchmarks.best_cnn", "--seeds", "7", "--pairs", "1", "--train-size", "500", "--epochs", "1",
+               "--out", str(tmp_path))  # fmt: skip
+    (table,) = tmp_path.glob("*-best-cnn.md")
+    lines = table.read_text().splitlines()
+    rows = [line.split(" | ") for line in lines if line.startswith(("| reference |", "| best_cnn |"))]
+    assert [(r[0], r[1]) for r in rows] == [("| reference", "7"), ("| best_cnn", "7")]
+    assert all(r[4] == "1" and 0 < float(r[5].rstrip("% |")) <= 100 for r in rows)  # epochs, test accuracy
+    assert "| wall time best_cnn / reference (per pair) |" in table.read_text()

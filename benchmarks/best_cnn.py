@@ -1,0 +1,122 @@
+"""Reference vs experiment=best_cnn: test accuracy and wall time, on the same machine and data.
+
+Runs the real console script: the reference (the default config: seed_cnn, RMSprop at 0.001, 20 epochs) and
+`experiment=best_cnn`, in pairs with the same seed and alternating order (the machine's speed drifts), then
+best_cnn alone with the remaining seeds. Reports each run's wall time and test accuracy, the wall-time ratio
+best_cnn / reference per pair and best_cnn's mean over seeds.
+`python -m benchmarks.best_cnn [--seeds 42 1 2] [--pairs 1] [--train-size N] [--epochs E] [--out DIR]`;
+writes <date>-best-cnn.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from datetime import date
+from pathlib import Path
+
+from benchmarks.run import HERE, Harness, machine, table, write_results
+
+RECIPES = {"reference": [], "best_cnn": ["experiment=best_cnn"]}
+
+
+def one_run(harness: Harness, recipe: str, seed: int, overrides: list[str]) -> dict:
+    finished, (run,) = harness.run(*RECIPES[recipe], f"trainer.seed={seed}", *overrides)
+    return {
+        "recipe": recipe,
+        "seed": seed,
+        "wall_seconds": finished.wall_seconds,
+        "fit_seconds": run.data.metrics["fit_seconds"],
+        "epochs": len(harness.epoch_seconds(run)),
+        "test_accuracy": run.data.metrics["test_accuracy"],
+    }
+
+
+def measure(harness: Harness, seeds: list[int], pairs: int, overrides: list[str]) -> list[dict]:
+    harness.client.search_experiments()  # creates the store's tables now, not in the first timed run
+    rows = []
+    for i, seed in enumerate(seeds):
+        order = ["reference", "best_cnn"] if i % 2 == 0 else ["best_cnn", "reference"]
+        for recipe in order if i < pairs else ["best_cnn"]:
+            rows.append(one_run(harness, recipe, seed, overrides))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    """Wall-time ratios of the pairs (same seed), accuracies of best_cnn's seeds."""
+    wall = {(r["recipe"], r["seed"]): r["wall_seconds"] for r in rows}
+    ratios = [wall["best_cnn", s] / wall["reference", s] for recipe, s in wall if recipe == "reference"]
+    best = [r["test_accuracy"] for r in rows if r["recipe"] == "best_cnn"]
+    return {
+        "wall_ratios": ratios,
+        "best_single": best[0],
+        "best_mean": statistics.mean(best),
+        "best_std": statistics.stdev(best) if len(best) > 1 else 0.0,
+        "n_seeds": len(best),
+    }
+
+
+def markdown(rows: list[dict], s: dict, settings: dict, cpu: dict) -> str:
+    ratios = ", ".join(f"{r:.2f}" for r in s["wall_ratios"])
+    lines = [
+        f"# Reference vs experiment=best_cnn ({date.today()})",
+        "",
+        f"CPU: {cpu['cpu']}, {cpu['cores']} cores, flags {', '.join(cpu['simd'])}; trainer.precision=auto picks "
+        f"{cpu['auto_precision']}. Settings: {json.dumps(settings)}. `python -m benchmarks.best_cnn`: each pair "
+        "is the two recipes with one seed, one after the other (order alternating); the other seeds best_cnn alone.",
+        "",
+        *table(
+            ["recipe", "seed", "wall time", "in model.fit", "epochs", "test accuracy"],
+            [
+                [
+                    r["recipe"],
+                    str(r["seed"]),
+                    f"{r['wall_seconds']:.0f} s",
+                    f"{r['fit_seconds']:.0f} s",
+                    str(r["epochs"]),
+                    f"{r['test_accuracy']:.2%}",
+                ]
+                for r in rows
+            ],
+        ),  # fmt: skip
+        "",
+        *table(
+            ["what", "measured", "target"],
+            [
+                ["wall time best_cnn / reference (per pair)", ratios, "<= 1.00"],
+                ["best_cnn test accuracy, first seed", f"{s['best_single']:.2%}", ">= 94.00%"],
+                [
+                    f"best_cnn mean of {s['n_seeds']} seeds (sample std)",
+                    f"{s['best_mean']:.2%} ({s['best_std']:.2%})",
+                    ">= 93.80%",
+                ],
+            ],
+        ),  # fmt: skip
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2], help="trainer.seed of each best_cnn run")
+    parser.add_argument("--pairs", type=int, default=1, help="how many of the seeds also run the reference")
+    parser.add_argument("--train-size", type=int, default=None, help="images before the split (default: all)")
+    parser.add_argument("--epochs", type=int, default=None, help="trainer.epochs of both (default: each recipe's)")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for the results")
+    args = parser.parse_args()
+
+    overrides = [f"data.train_size={args.train_size}"] if args.train_size else []
+    overrides += [f"trainer.epochs={args.epochs}"] if args.epochs else []
+    settings = {"train_size": args.train_size or "all", "epochs": args.epochs or "each recipe's", "seeds": args.seeds}
+    cpu = machine()
+    print(f"CPU: {cpu['cpu']} ({', '.join(cpu['simd'])}); trainer.precision={cpu['auto_precision']}", flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        rows = measure(Harness(Path(folder)), args.seeds, args.pairs, overrides)
+    write_results(args.out, "best-cnn", markdown(rows, summary(rows), settings, cpu))
+
+
+if __name__ == "__main__":
+    main()
