@@ -127,11 +127,16 @@ def training_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, f
             batch_labels = tf.one_hot(tf.cast(batch_labels, tf.int32), data.NUM_CLASSES)
         return batch, batch_labels
 
+    # No autotuning: deleting an autotuned iterator waits for the tuner thread's current sleep, which grows to
+    # 60 s, so model.fit returned 9-70 s after its last epoch in most full runs (TensorFlow 2.21, gdb stacks).
+    options = tf.data.Options()
+    options.autotune.enabled = False
     return (
         tf.data.Dataset.range(first_epoch, epochs)
         .flat_map(one_epoch)
-        .map(load, num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(tf.data.AUTOTUNE)
+        .map(load, num_parallel_calls=os.cpu_count() or 1)
+        .prefetch(2)
+        .with_options(options)
     )
 
 

@@ -81,6 +81,12 @@ def test_each_epochs_order_depends_on_seed_and_epoch_alone(images) -> None:
     assert not np.array_equal(whole[0], other_seed[0])
 
 
+def test_training_batches_are_not_autotuned(images) -> None:
+    # TensorFlow 2.21: deleting an autotuned iterator waited up to 60 s for the tuner thread after the last epoch
+    options = training_batches(images.x_train, images.y_train, 128, 42, 0, 1).options()
+    assert options.autotune.enabled is False
+
+
 def test_resume_takes_a_target_and_only_hydra_overrides() -> None:
     assert split_args(["abc123", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]) == (
         "abc123", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])  # fmt: skip
