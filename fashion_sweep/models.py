@@ -58,7 +58,7 @@ def cnn_bn(
     name: str = "cnn_bn",
 ) -> keras.Model:
     """Per filter count convs_per_block x [Conv2D-BatchNorm-ReLU], MaxPool, Dropout; then
-    Dense-BatchNorm-ReLU-Dropout-Dense(10). With convs_per_block=1 it is seed_cnn with batch norm (best_cnn)."""
+    Dense-BatchNorm-ReLU-Dropout-Dense(10). With convs_per_block=1 it is seed_cnn's layout with batch norm."""
     blocks = []
     for n in filters:
         for _ in range(convs_per_block):
