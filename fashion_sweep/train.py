@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from fashion_sweep import backend, checkpoint, data, halving, plots, progress, tracking
-from fashion_sweep.models import build_model
+from fashion_sweep.models import build_model, with_keras_layers
 from fashion_sweep.optimizers import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -292,5 +292,5 @@ def fit_and_record(cfg: DictConfig, client: MlflowClient, previous: Run | None, 
     mlflow.log_figure(plots.confusion_matrix(split.y_test, predicted, data.CLASS_NAMES), "confusion_matrix.png")
     mlflow.log_figure(plots.misclassified(split.x_test, split.y_test, predicted, data.CLASS_NAMES), "misclassified.png")
     if cfg.tracking.log_model:
-        tracking.log_model(model, split.x_test[:8], probabilities[:8])
+        tracking.log_model(with_keras_layers(model), split.x_test[:8], probabilities[:8])
     return min(history["val_loss"])

@@ -80,8 +80,8 @@ def test_cnn_bn_stacks_convs_per_block_conv_batchnorm_relu_layers_per_block() ->
     def kinds(*overrides: str) -> list[str]:
         return [type(layer).__name__ for layer in build_model(composed("model=cnn_bn", *overrides).model).layers]
 
-    block = ["Conv2D", "BatchNormalization", "ReLU"]
-    head = ["Flatten", "Dense", "BatchNormalization", "ReLU", "Dropout", "Dense"]
+    block = ["Conv2D", "FusedBatchNormalization", "ReLU"]
+    head = ["Flatten", "Dense", "FusedBatchNormalization", "ReLU", "Dropout", "Dense"]
     pool = ["MaxPooling2D", "Dropout"]
     assert kinds("model.filters=[8]") == block * 2 + pool + head
     assert kinds("model.filters=[8,16]", "model.convs_per_block=1") == (block + pool) * 2 + head

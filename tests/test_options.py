@@ -102,7 +102,8 @@ def test_label_smoothing_one_hot_labels_and_a_smoothed_cross_entropy(images) -> 
 
 def test_a_run_with_every_option_records_them_and_validates_on_untouched_images(tmp_path, fashion_dir) -> None:
     options = ["trainer.precision=bfloat16", "optimizer.schedule=one_cycle", "data.augment=flip_shift",
-               "trainer.epochs=2", "data.train_size=1000", "trainer.verbose=0"]  # fmt: skip
+               "model=cnn_bn", "model.filters=[8,16]", "trainer.epochs=2", "data.train_size=1000",
+               "trainer.verbose=0"]  # fmt: skip
     proc = fashion_sweep(tmp_path, *options)
     assert proc.returncode == 0, proc.stderr
     (run,) = all_runs(tmp_path)
@@ -113,9 +114,11 @@ def test_a_run_with_every_option_records_them_and_validates_on_untouched_images(
     schedule = learning_rate(0.001, "one_cycle", total_steps=2 * steps, warmup_fraction=0.3)
     assert lrs == pytest.approx([lr_at(schedule, steps), lr_at(schedule, 2 * steps)], rel=1e-5)  # lr per epoch
 
-    # Validation saw the images as they are: the logged model scores the validation split to the logged val_loss.
+    # Validation saw the images as they are: the logged model scores the validation split to the logged val_loss
+    # (and it is the trained network with Keras' own batch norm in place of the fused one).
     (logged,) = client.search_logged_models([run.info.experiment_id])
     model = mlflow.keras.load_model(logged.artifact_location)
+    assert [type(layer).__name__ for layer in model.layers].count("BatchNormalization") == 5
     split = data.split(data.load(fashion_dir), 0.1, 1000, seed=42)
     probabilities = model.predict(split.x_val, batch_size=1024, verbose=0)
     val_loss = float(keras.ops.mean(keras.losses.sparse_categorical_crossentropy(split.y_val, probabilities)))
