@@ -14,7 +14,8 @@ from matplotlib.ticker import MaxNLocator
 
 def curves(history: Mapping[str, Sequence[float]]) -> Figure:
     """Training vs validation loss and accuracy per epoch (the reference's "Training & Validation graph")."""
-    fig = Figure(figsize=(10, 4), layout="constrained")
+    fig = Figure(figsize=(10, 4))  # a fixed layout: "constrained" took 0.1-0.2 s more to save per figure
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.92, wspace=0.22)
     for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy"), strict=True):
         epochs = np.arange(1, len(history[metric]) + 1)
         ax.plot(epochs, history[metric], "o-", label=f"training {metric}")
@@ -30,7 +31,8 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequen
     """Counts of true class (rows) against predicted class (columns) on the test set."""
     n = len(class_names)
     counts = np.bincount(y_true * n + y_pred, minlength=n * n).reshape(n, n)
-    fig = Figure(figsize=(8, 7), layout="constrained")
+    fig = Figure(figsize=(8, 7))  # a fixed layout, as in curves()
+    fig.subplots_adjust(left=0.15, right=0.97, bottom=0.17, top=0.95)
     ax = fig.subplots()
     image = ax.imshow(counts, cmap="Blues")
     fig.colorbar(image, ax=ax, shrink=0.8)
@@ -51,19 +53,28 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequen
 def misclassified(
     images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str], count: int = 25
 ) -> Figure:
-    """A grid of the first `count` misclassified test images, titled "true -> predicted"."""
+    """A grid of the first `count` misclassified test images, each labelled "true -> predicted".
+
+    The grid is one image on one axes (a tile per image, room for its label above it): 25 axes made this
+    figure take 0.5-0.6 s to build and save, the mosaic 0.15 s (matplotlib 3.11).
+    """
     wrong = np.flatnonzero(y_true != y_pred)[:count]
     side = max(1, int(np.ceil(np.sqrt(len(wrong)))))
-    # A fixed layout: "constrained" made this figure 2.5x slower to save (1.2 s vs 0.5 s, matplotlib 3.11).
-    height = 2.2 * side + 0.6  # inches: 0.6 for the title
-    fig = Figure(figsize=(max(6, 2 * side), height))
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.8 / height, hspace=0.45)
-    axes = np.atleast_1d(fig.subplots(side, side)).ravel()
-    for ax in axes:
-        ax.axis("off")
-    for ax, i in zip(axes, wrong, strict=False):
-        ax.imshow(images[i].squeeze(), cmap="gray_r")
-        ax.set_title(f"{class_names[y_true[i]]}\n-> {class_names[y_pred[i]]}", fontsize=8)
+    label, gap, size = 9, 3, images.shape[1]  # pixels: room for the label above a tile, between tiles, a tile
+    tile_w, tile_h = size + gap, label + size + gap
+    canvas = np.zeros((side * tile_h, side * tile_w))
+    for k, i in enumerate(wrong):
+        row, col = divmod(k, side)
+        canvas[row * tile_h + label :][:size, col * tile_w :][:, :size] = images[i].squeeze()
+    inches = 2 / tile_w  # per canvas pixel: each tile 2 inches wide
+    fig = Figure(figsize=(canvas.shape[1] * inches, canvas.shape[0] * inches + 0.6))
+    ax = fig.add_axes((0, 0, 1, canvas.shape[0] * inches / fig.get_figheight()))
+    ax.imshow(canvas, cmap="gray_r", interpolation="nearest", aspect="auto")
+    ax.axis("off")
+    for k, i in enumerate(wrong):
+        row, col = divmod(k, side)
+        text = f"{class_names[y_true[i]]}\n-> {class_names[y_pred[i]]}"
+        ax.text(col * tile_w + size / 2, row * tile_h + label - 0.5, text, fontsize=8, ha="center", va="bottom")
     fig.suptitle(f"Misclassified test images ({len(np.flatnonzero(y_true != y_pred))} in all; true -> predicted)")
     return fig
 
