@@ -123,3 +123,15 @@ def test_the_saved_model_has_keras_layers_and_loads_without_fashion_sweep(tmp_pa
 def test_a_model_without_fused_batch_norm_is_saved_as_it_is() -> None:
     seed = build_model(OmegaConf.create({**CNN_BN, "name": "seed_cnn"}))
     assert with_keras_layers(seed) is seed
+
+
+def ops_of(layer: keras.layers.Layer, shape: tuple[int, ...]) -> set[str]:
+    graph = tf.function(lambda x: layer(x, training=True)).get_concrete_function(tf.TensorSpec(shape)).graph
+    return {op.type for op in graph.get_operations()}
+
+
+def test_keras_batch_norm_is_still_unfused_on_tensorflow_so_ours_is_needed() -> None:
+    """Keras 3.15 normalises with separate ops; when an upgrade fuses its layer, ours can go (this fails then)."""
+    shape = (8, 4, 4, 3)
+    assert not {"FusedBatchNormV3", "FusedBatchNorm"} & ops_of(keras.layers.BatchNormalization(), shape)
+    assert "FusedBatchNormV3" in ops_of(FusedBatchNormalization(), shape)
