@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,12 @@ BIN = Path(sys.executable).parent
 ROOT = Path(__file__).parents[1]
 # Small and fast: 1,000 real training images (900 train / 100 val), one epoch, no progress output.
 QUICK = ["data.train_size=1000", "trainer.epochs=1", "trainer.verbose=0"]
+
+
+def interruptible() -> None:
+    """preexec_fn for a child the test interrupts: SIGINT as a terminal delivers it. A shell starts background
+    commands with SIGINT ignored, and the child would inherit that from a pytest run in the background."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def store_uri(folder: Path) -> str:

@@ -13,7 +13,7 @@ import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import BIN, all_runs, run_script, store_uri
+from tests.conftest import BIN, all_runs, interruptible, run_script, store_uri
 
 EPOCH_METRICS = ["loss", "accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds"]
 SAME_TRAINING = ["loss", "accuracy", "val_loss", "val_accuracy", "lr"]  # epoch_seconds is a wall-clock time
@@ -25,7 +25,7 @@ def launch(tmp: Path, *args: str) -> subprocess.Popen:
                f"tracking.artifact_location={tmp / 'mlruns' / 'artifacts'}", f"hydra.run.dir={tmp}/out",
                f"hydra.sweep.dir={tmp}/multirun", "trainer.verbose=2", "tracking.log_model=false"]  # fmt: skip
     return subprocess.Popen(command, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True, preexec_fn=interruptible)  # fmt: skip
 
 
 def stop_after(proc: subprocess.Popen, marker: str, count: int, signum: int) -> str:

@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fashion_sweep import backend, data
-from tests.conftest import BIN, QUICK, ROOT, all_runs, fashion_sweep, store_uri
+from tests.conftest import BIN, QUICK, ROOT, all_runs, fashion_sweep, interruptible, store_uri
 
 EPOCH_METRICS = ["loss", "accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds"]
 ARTIFACTS = ["checkpoint", "config.yaml", "overrides.yaml", "curves.png", "confusion_matrix.png", "misclassified.png"]
@@ -161,7 +161,7 @@ def test_sigint_mid_training_ends_the_run_killed(tmp_path: Path) -> None:
         [str(BIN / "fashion-sweep"), f"tracking.uri={store_uri(tmp_path / 'mlruns')}",
          f"tracking.artifact_location={tmp_path / 'mlruns' / 'artifacts'}", f"hydra.run.dir={tmp_path}/out",
          "data.train_size=5000", "trainer.epochs=50", "trainer.verbose=2"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=interruptible,
     )  # fmt: skip
     try:
         assert proc.stdout is not None

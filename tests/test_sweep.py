@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from fashion_sweep.compare import LR, lr_series, rank, swept_keys
 from fashion_sweep.sweep import sweep_status
-from tests.conftest import BIN, QUICK, all_runs, fashion_sweep, run_script, store_uri
+from tests.conftest import BIN, QUICK, all_runs, fashion_sweep, interruptible, run_script, store_uri
 
 REPORT = ["lr_effect.png", "summary.csv", "summary.md", "val_curves.png"]
 
@@ -160,7 +160,7 @@ def test_ctrl_c_mid_sweep_ends_job_and_parent_killed_with_a_report(tmp_path: Pat
         [str(BIN / "fashion-sweep"), "--multirun", f"tracking.uri={store_uri(tmp_path / 'mlruns')}",
          f"tracking.artifact_location={tmp_path / 'mlruns' / 'artifacts'}", f"hydra.sweep.dir={tmp_path}/multirun",
          "optimizer.lr=0.001,0.002", "data.train_size=5000", "trainer.epochs=50", "trainer.verbose=2"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=interruptible,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
