@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import keras
 import mlflow
 import numpy as np
 import pytest
@@ -102,6 +103,18 @@ def test_logged_model_loads_and_predicts_probabilities(finished_run, fashion_dir
     probabilities = np.asarray(loaded.predict(images))
     assert probabilities.shape == (5, 10)
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_logged_test_scores_are_what_keras_predict_makes_of_the_logged_model(finished_run, fashion_dir) -> None:
+    tmp, _, run = finished_run  # the run scores the test set a batch at a time (train.predict), 1024 per batch
+    (logged,) = MlflowClient(store_uri(tmp / "mlruns")).search_logged_models([run.info.experiment_id])
+    model = mlflow.keras.load_model(logged.artifact_location)
+    test = data.load(fashion_dir)
+    probabilities = model.predict(test.x_test.astype(np.float32) / 255.0, batch_size=1024, verbose=0)
+    accuracy = float((probabilities.argmax(axis=1) == test.y_test).mean())
+    loss = float(keras.ops.mean(keras.losses.sparse_categorical_crossentropy(test.y_test, probabilities)))
+    assert accuracy == pytest.approx(run.data.metrics["test_accuracy"], abs=2e-4)  # at most 2 of 10,000 flip
+    assert loss == pytest.approx(run.data.metrics["test_loss"], rel=1e-3)
 
 
 # Each refusal once through the real console script; tests/test_config.py covers every rule in-process.
