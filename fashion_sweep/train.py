@@ -234,6 +234,17 @@ def resume_point(client: MlflowClient, previous: Run) -> checkpoint.Checkpoint |
     return state
 
 
+def run_precision(setting: str, previous: Run | None) -> tuple[str, str]:
+    """(precision, why) to train in. Under auto a continued run keeps the precision it began in (auto's rule, or
+    the CPU, may have changed since); runs from before trainer.precision existed began in float32."""
+    if previous is None or setting != "auto":
+        return backend.choose_precision(setting, backend.cpu_flags())
+    tags = previous.data.tags
+    if "precision" not in tags:
+        return "float32", "auto: kept from the run's start (written before trainer.precision, in float32)"
+    return tags["precision"], tags.get("precision_reason", "auto: kept from the run's start")
+
+
 def fit_and_record(cfg: DictConfig, client: MlflowClient, previous: Run | None, stop: int) -> float:
     """Inside the active run: log the config, load data, fit up to epoch `stop` (from the checkpoint, if
     continuing), then, if that is the last epoch, evaluate on the test set and log figures and model."""
@@ -248,7 +259,7 @@ def fit_and_record(cfg: DictConfig, client: MlflowClient, previous: Run | None, 
     # Keras 3.15 runs by default (~0.3-0.45 s per job here); Python's own collector frees the old model.
     keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(cfg.trainer.seed)
-    precision, why = backend.choose_precision(cfg.trainer.precision, backend.cpu_flags())
+    precision, why = run_precision(cfg.trainer.precision, previous)
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
     mlflow.set_tags({"precision": precision, "precision_reason": why})
     n, batch_size, smoothing = len(split.y_train), cfg.trainer.batch_size, cfg.trainer.label_smoothing

@@ -12,10 +12,10 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from fashion_sweep import data
-from fashion_sweep.backend import choose_precision
+from fashion_sweep.backend import choose_precision, cpu_flags
 from fashion_sweep.models import build_model
 from fashion_sweep.optimizers import learning_rate
-from fashion_sweep.train import training_batches, training_loss
+from fashion_sweep.train import run_precision, training_batches, training_loss
 from tests.conftest import all_runs, fashion_sweep, store_uri
 
 
@@ -31,6 +31,22 @@ from tests.conftest import all_runs, fashion_sweep, store_uri
 )
 def test_auto_precision_is_bfloat16_only_with_avx512_bf16(setting: str, flags: set[str], expected: str) -> None:
     assert choose_precision(setting, flags)[0] == expected
+
+
+def test_a_continued_run_keeps_the_precision_it_began_in(tmp_path) -> None:
+    client = MlflowClient(store_uri(tmp_path))
+    experiment = client.create_experiment("continued")
+    began_bf16 = client.create_run(experiment, tags={"precision": "bfloat16", "precision_reason": "auto: AMX"})
+    began_f32 = client.create_run(experiment, tags={"precision": "float32", "precision_reason": "auto: no AMX"})
+    older = client.create_run(experiment)  # written by a version before trainer.precision: trained in float32
+    for run in (began_bf16, began_f32, older):
+        client.set_terminated(run.info.run_id, "KILLED")
+    continued = {run: client.get_run(run.info.run_id) for run in (began_bf16, began_f32, older)}
+    assert run_precision("auto", continued[began_bf16]) == ("bfloat16", "auto: AMX")
+    assert run_precision("auto", continued[began_f32]) == ("float32", "auto: no AMX")
+    assert run_precision("auto", continued[older])[0] == "float32"
+    assert run_precision("float32", continued[began_bf16]) == ("float32", "asked for")  # asked for wins
+    assert run_precision("auto", None) == choose_precision("auto", cpu_flags())  # a new run: this CPU decides
 
 
 def test_mixed_bfloat16_computes_in_bfloat16_keeps_float32_weights_and_a_float32_softmax() -> None:
