@@ -260,7 +260,7 @@ def fit_and_record(cfg: DictConfig, client: MlflowClient, previous: Run | None, 
     keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(cfg.trainer.seed)
     precision, why = run_precision(cfg.trainer.precision, previous)
-    keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+    backend.set_precision(precision)
     mlflow.set_tags({"precision": precision, "precision_reason": why})
     n, batch_size, smoothing = len(split.y_train), cfg.trainer.batch_size, cfg.trainer.label_smoothing
     steps_per_epoch = math.ceil(n / batch_size)
