@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.run import images_per_second, machine, timed
+from fashion_sweep.backend import set_precision
 
 OPTIONS = {
     "plain": "the baseline as it is",
@@ -25,7 +26,7 @@ OPTIONS = {
     "steps_per_execution_16": "compile(steps_per_execution=16): 16 batches per tf.function call",
     "tf_data": "tf.data from the arrays: cache, shuffle, batch, prefetch(AUTOTUNE)",
     "threads_2_1": "2 intra-op threads, 1 inter-op thread",
-    "mixed_bfloat16": "keras.mixed_precision policy mixed_bfloat16",
+    "mixed_bfloat16": "trainer.precision=bfloat16: policy mixed_bfloat16, bias gradients summed in float32",
     "onednn_off": "TF_ENABLE_ONEDNN_OPTS=0",
     "xla": "compile(jit_compile=True)",
 }
@@ -42,7 +43,7 @@ def train_once(option: str, epochs: int, train_size: int | None) -> dict[str, An
         tf.config.threading.set_intra_op_parallelism_threads(2)
         tf.config.threading.set_inter_op_parallelism_threads(1)
     if option == "mixed_bfloat16":
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        set_precision("bfloat16")
     split = load_split(train_size)
     keras.utils.set_random_seed(42)
     model = reference_model(

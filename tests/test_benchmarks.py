@@ -91,3 +91,12 @@ def test_best_cnn_benchmark_pairs_the_reference_and_the_preset(tmp_path: Path) -
     assert [(r[0], r[1]) for r in rows] == [("| reference", "7"), ("| best_cnn", "7")]
     assert all(r[4] == "1" and 0 < float(r[5].rstrip("% |")) <= 100 for r in rows)  # epochs, test accuracy
     assert "| wall time best_cnn / reference (per pair) |" in table.read_text()
+
+
+def test_precision_benchmark_runs_each_seed_in_both_precisions(tmp_path: Path) -> None:
+    run_module("benchmarks.precision", "--seeds", "7", "--train-size", "500", "--epochs", "1", "--out", str(tmp_path))
+    (table,) = tmp_path.glob("*-precision.md")
+    rows = [line.split(" | ") for line in table.read_text().splitlines() if line.startswith("| ")]
+    runs = [(r[0], r[1]) for r in rows if len(r) == 5 and r[1] == "7"]
+    assert runs == [("| float32", "7"), ("| bfloat16", "7")]  # the tag each run recorded, in the order run
+    assert "bfloat16 speed-up in model.fit:" in table.read_text()
