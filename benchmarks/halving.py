@@ -16,7 +16,7 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-from benchmarks.run import HERE, Harness, machine, table, write_results
+from benchmarks.run import HERE, Harness, announced_machine, table, write_results
 
 
 def parent_param(harness: Harness, key: str) -> str:
@@ -85,8 +85,7 @@ def main() -> None:
     if args.train_size:
         overrides.append(f"data.train_size={args.train_size}")
     settings = {"train_size": args.train_size or "all", "epochs": args.epochs}
-    cpu = machine()
-    print(f"CPU: {cpu['cpu']} ({', '.join(cpu['simd'])}); trainer.precision={cpu['auto_precision']}", flush=True)
+    cpu = announced_machine()
     with tempfile.TemporaryDirectory() as folder:
         rows = compare_methods(Harness(Path(folder)), overrides)
     write_results(args.out, f"halving-{args.train_size or 'full'}", markdown(rows, settings, cpu))

@@ -17,7 +17,7 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-from benchmarks.run import HERE, Harness, machine, table, write_results
+from benchmarks.run import HERE, Harness, announced_machine, size_overrides, table, write_results
 
 PRECISIONS = ("float32", "bfloat16")
 
@@ -93,11 +93,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for the results")
     args = parser.parse_args()
 
-    overrides = [f"data.train_size={args.train_size}"] if args.train_size else []
-    overrides += [f"trainer.epochs={args.epochs}"] if args.epochs else []
+    overrides = size_overrides(args.train_size) + ([f"trainer.epochs={args.epochs}"] if args.epochs else [])
     settings = {"train_size": args.train_size or "all", "epochs": args.epochs or 20, "seeds": args.seeds}
-    cpu = machine()
-    print(f"CPU: {cpu['cpu']} ({', '.join(cpu['simd'])}); trainer.precision={cpu['auto_precision']}", flush=True)
+    cpu = announced_machine()
     with tempfile.TemporaryDirectory() as folder:
         rows = measure(Harness(Path(folder)), args.seeds, overrides)
     write_results(args.out, "precision", markdown(rows, summary(rows), settings, cpu))

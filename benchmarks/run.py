@@ -256,6 +256,13 @@ def machine() -> dict[str, Any]:
     }
 
 
+def announced_machine() -> dict[str, Any]:
+    """machine(), its CPU line printed first: a long benchmark says at once where it runs and what auto picks."""
+    cpu = machine()
+    print(f"CPU: {cpu['cpu']} ({', '.join(cpu['simd'])}); trainer.precision={cpu['auto_precision']}", flush=True)
+    return cpu
+
+
 def verdicts(results: dict[str, Any]) -> dict[str, Any]:
     """Each target of the issue, the value measured and whether it is met."""
     values = {
