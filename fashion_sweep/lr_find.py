@@ -20,7 +20,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from fashion_sweep import data, plots, tracking, train
+from fashion_sweep import backend, data, plots, tracking, train
 from fashion_sweep.models import build_model
 from fashion_sweep.optimizers import build_optimizer
 
@@ -114,11 +114,12 @@ def run_name(cfg: DictConfig) -> str:
     return f"lr_find {cfg.model.name} {cfg.optimizer.name}"
 
 
-def keras_step(cfg: DictConfig, split: data.Split) -> Callable[[float], float]:
-    """A fresh model and optimizer as cfg says, and a function that trains it on the next batch of the training split
-    (shuffled as train.py shuffles) at a given learning rate and returns that batch's loss."""
+def keras_step(cfg: DictConfig, split: data.Split, precision: str) -> Callable[[float], float]:
+    """A fresh model and optimizer as cfg says, in that precision, and a function that trains it on the next batch
+    of the training split (shuffled as train.py shuffles) at a given learning rate and returns that batch's loss."""
     keras.backend.clear_session()
     keras.utils.set_random_seed(cfg.trainer.seed)
+    backend.set_precision(precision)  # as the sweep it suggests will train
     model = build_model(cfg.model)
     model.compile(optimizer=build_optimizer(cfg.optimizer), loss="sparse_categorical_crossentropy")
     batch_size, steps = cfg.trainer.batch_size, cfg.lr_find.steps
@@ -157,7 +158,9 @@ def lr_find(cfg: DictConfig) -> float:
         split, dataset = train.load_split(cfg)
         tracking.log_data_source(dataset.source, data.SHA256)
         mlflow.log_params({"n_train": len(split.y_train)})
-        train_step = keras_step(cfg, split)
+        precision, why = train.run_precision(cfg.trainer.precision, None)
+        mlflow.set_tags({"precision": precision, "precision_reason": why})
+        train_step = keras_step(cfg, split, precision)
         started = time.perf_counter()
         trace = range_test(train_step, lrs, cfg.lr_find.smoothing, cfg.lr_find.stop_factor)
         seconds = time.perf_counter() - started

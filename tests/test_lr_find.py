@@ -6,17 +6,21 @@ import math
 import shlex
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 from mlflow.tracking import MlflowClient
 from omegaconf import open_dict
 
+from fashion_sweep import data
+from fashion_sweep.backend import choose_precision, cpu_flags, set_precision
 from fashion_sweep.config import ConfigError, validate
 from fashion_sweep.lr_find import (
     TRACE_METRICS,
     around,
     blew_up,
+    keras_step,
     range_test,
     schedule,
     smoothed,
@@ -155,11 +159,25 @@ def lr_find_run(tmp_path_factory: pytest.TempPathFactory):
     return tmp, proc, run
 
 
+def test_the_range_test_trains_in_the_precision_it_is_given(fashion_dir: Path) -> None:
+    with initialize_config_module(version_base="1.3", config_module="fashion_sweep.conf"):
+        cfg = compose(config_name="config", overrides=["model.filters=[8]", "model.dense_units=16"])
+    split = data.split(data.load(fashion_dir), 0.1, 500, seed=42)
+    try:
+        step = keras_step(cfg, split, "bfloat16")
+        policy = keras.mixed_precision.global_policy().name  # the model was built under it
+        loss = step(1e-3)
+    finally:
+        set_precision("float32")
+    assert policy == "mixed_bfloat16" and math.isfinite(loss)
+
+
 def test_lr_find_is_one_finished_run_tagged_and_named_for_the_task(lr_find_run) -> None:
     _, _, run = lr_find_run
     assert run.info.status == "FINISHED"
     assert run.data.tags["task"] == "lr_find"
     assert run.info.run_name == "lr_find seed_cnn rmsprop"
+    assert run.data.tags["precision"] == choose_precision("auto", cpu_flags())[0]  # as a training run here would
 
 
 def test_lr_find_logs_the_trace_per_batch_and_a_suggestion_in_range(lr_find_run) -> None:
