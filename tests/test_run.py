@@ -106,7 +106,7 @@ def test_logged_model_loads_and_predicts_probabilities(finished_run, fashion_dir
 
 
 def test_logged_test_scores_are_what_keras_predict_makes_of_the_logged_model(finished_run, fashion_dir) -> None:
-    tmp, _, run = finished_run  # the run scores the test set a batch at a time (train.predict), 1024 per batch
+    tmp, _, run = finished_run  # the run scores the test set in batches (train.predict)
     (logged,) = MlflowClient(store_uri(tmp / "mlruns")).search_logged_models([run.info.experiment_id])
     model = mlflow.keras.load_model(logged.artifact_location)
     test = data.load(fashion_dir)
