@@ -59,25 +59,41 @@ def import_tensorflow() -> None:
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     """The CPU's feature flags, as Linux lists them (empty where there is no /proc/cpuinfo)."""
+    return set(cpuinfo_field("flags", cpuinfo).split())
+
+
+def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's vendor as Linux names it (AuthenticAMD, GenuineIntel), or "" where there is no /proc/cpuinfo."""
+    return cpuinfo_field("vendor_id", cpuinfo)
+
+
+def cpuinfo_field(name: str, cpuinfo: Path) -> str:
+    """The value of the first `name : value` line of /proc/cpuinfo ("" if there is none)."""
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+        return ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return ""
 
 
-def choose_precision(setting: str, flags: set[str]) -> tuple[str, str]:
-    """(precision, why) for trainer.precision: float32 and bfloat16 as asked; auto = bfloat16 where the CPU has
-    bfloat16 instructions (avx512_bf16; CPUs with AMX have them too), float32 elsewhere. Measured, mixed bfloat16
-    against float32 (seed_cnn, options benchmark): 1.92x and 1.41x on Intel Xeons with AMX, 1.45x on an AMD
-    EPYC with AVX512_BF16 (1.08x once before), 0.23x on an AMD EPYC without it (bfloat16 emulated)."""
+def choose_precision(setting: str, flags: set[str], vendor: str) -> tuple[str, str]:
+    """(precision, why) for trainer.precision: float32 and bfloat16 as asked; auto = bfloat16 only where it was
+    measured faster. Mixed bfloat16 against float32, seed_cnn: 1.92x and 1.41x on Intel Xeons with AMX; 1.45x
+    (1.08x once) on an AMD EPYC with AVX512_BF16; 0.84x and 0.74x on an Intel Xeon with AVX512_BF16 whose AMX is
+    not exposed (whole default runs, 2026-12-02); 0.23x on an AMD EPYC without AVX512_BF16 (bfloat16 emulated)."""
     if setting != "auto":
         return setting, "asked for"
     if "amx_bf16" in flags:
         return "bfloat16", "auto: this CPU has AMX (amx_bf16)"
-    if "avx512_bf16" in flags:
-        return "bfloat16", "auto: this CPU has bfloat16 instructions (avx512_bf16)"
-    return "float32", "auto: this CPU has no bfloat16 instructions (no avx512_bf16)"
+    if "avx512_bf16" not in flags:
+        return "float32", "auto: this CPU has no bfloat16 instructions (no avx512_bf16)"
+    if vendor == "AuthenticAMD":
+        return "bfloat16", "auto: an AMD CPU with bfloat16 instructions (avx512_bf16), measured faster in bfloat16"
+    return "float32", f"auto: avx512_bf16 without AMX ({vendor or 'vendor unknown'}), slower in bfloat16 on Intel"
 
 
 def set_precision(precision: str) -> None:

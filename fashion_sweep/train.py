@@ -238,7 +238,7 @@ def run_precision(setting: str, previous: Run | None) -> tuple[str, str]:
     """(precision, why) to train in. Under auto a continued run keeps the precision it began in (auto's rule, or
     the CPU, may have changed since); runs from before trainer.precision existed began in float32."""
     if previous is None or setting != "auto":
-        return backend.choose_precision(setting, backend.cpu_flags())
+        return backend.choose_precision(setting, backend.cpu_flags(), backend.cpu_vendor())
     tags = previous.data.tags
     if "precision" not in tags:
         return "float32", "auto: kept from the run's start (written before trainer.precision, in float32)"

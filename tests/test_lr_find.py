@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import open_dict
 
 from fashion_sweep import data
-from fashion_sweep.backend import choose_precision, cpu_flags, set_precision
+from fashion_sweep.backend import choose_precision, cpu_flags, cpu_vendor, set_precision
 from fashion_sweep.config import ConfigError, validate
 from fashion_sweep.lr_find import (
     TRACE_METRICS,
@@ -177,7 +177,7 @@ def test_lr_find_is_one_finished_run_tagged_and_named_for_the_task(lr_find_run) 
     assert run.info.status == "FINISHED"
     assert run.data.tags["task"] == "lr_find"
     assert run.info.run_name == "lr_find seed_cnn rmsprop"
-    assert run.data.tags["precision"] == choose_precision("auto", cpu_flags())[0]  # as a training run here would
+    assert run.data.tags["precision"] == choose_precision("auto", cpu_flags(), cpu_vendor())[0]  # as training would
 
 
 def test_lr_find_logs_the_trace_per_batch_and_a_suggestion_in_range(lr_find_run) -> None:
