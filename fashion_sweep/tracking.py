@@ -382,6 +382,19 @@ def log_datasets(split: data.Split, folder: Path, sha256: dict[str, str], data_c
         with warnings.catch_warnings():  # mlflow 3.17 registers "" and "file" as two local sources, then warns
             warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
             dataset = from_numpy(images, targets=labels, source=str(folder), name="fashion-mnist", digest=digest)
+        log_input(dataset, context)
+
+
+def log_input(dataset: Any, context: str) -> None:
+    """mlflow.log_input, once more if it lost a race: mlflow 3.17's SQL store looks the dataset up, then inserts
+    it, so parallel jobs logging the same new dataset at once can fail with a unique-constraint error (seen on Ray
+    through the server); the second try finds the winner's row and links it."""
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as err:
+        message = str(err).lower()
+        if "unique constraint" not in message and "duplicate" not in message:
+            raise
         mlflow.log_input(dataset, context=context)
 
 
