@@ -33,7 +33,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from benchmarks.flops import matmul_peak, training_flops_per_image
-from fashion_sweep.backend import choose_precision, cpu_flags, cpu_vendor
+from fashion_sweep.backend import choose_precision, cpu_flags, cpu_vendor, cpuinfo_field
 from fashion_sweep.models import build_model
 
 HERE = Path(__file__).parent
@@ -241,14 +241,13 @@ def write_results(out: Path, name: str, report: str) -> None:
 
 
 def machine() -> dict[str, Any]:
-    cpuinfo = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
-    cpu, flags = cpuinfo.get("model name\t", "?").strip(), cpuinfo.get("flags\t\t", "").split()
+    flags = cpu_flags()
     return {
-        "cpu": cpu,
+        "cpu": cpuinfo_field("model name", Path("/proc/cpuinfo")) or "?",
         "cores": os.cpu_count(),
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1),
         "simd": [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags],
-        "auto_precision": " ".join(choose_precision("auto", cpu_flags(), cpu_vendor())),  # what auto picks here
+        "auto_precision": " ".join(choose_precision("auto", flags, cpu_vendor())),  # what auto picks here
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
