@@ -25,10 +25,12 @@ class JobFailed(CompactHydraException):
 def app(cfg: DictConfig) -> float:
     from fashion_sweep import backend, config
 
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.RUN:  # keys and ranges first: a typo is refused before TensorFlow's ~5 s import
+        config.validate(cfg, hydra_cfg.runtime.choices, build=False)
     backend.import_tensorflow()
     from fashion_sweep import tracking
 
-    hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.RUN:  # a --multirun checked every job, its data and store before the first
         config.check_launch(cfg, hydra_cfg.runtime.choices)
     elif cfg.task == "lr_find":  # a sweep job that sweep.check_jobs could not see coming (e.g. a user's preset)

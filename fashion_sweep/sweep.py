@@ -45,33 +45,45 @@ def check_sweeper(config: DictConfig, jobs: list[list[str]]) -> None:
 
 def check_jobs(config: DictConfig) -> list[int]:
     """Check every job before any runs (its config, and once each its data and store), so a bad value in the
-    5th job wastes no training and leaves nothing in the store. Returns each job's trainer.epochs."""
+    5th job wastes no training and leaves nothing in the store; the rules that need no TensorFlow go first, for
+    all jobs, so that a typo is refused in about a second. Returns each job's trainer.epochs."""
     jobs = job_overrides(config)
     given = {o.lstrip("+") for job in jobs for o in job}  # e.g. task=train,lr_find; cli.app refuses the rest
     if config.get("task") == "lr_find" or given & {"experiment=lr_find", "task=lr_find"}:
         raise SystemExit("fashion-sweep: an LR range test is one run; drop --multirun")
     check_sweeper(config, jobs)
     shared = set.intersection(*map(set, jobs)) if len(jobs) > 1 else set()
-    checked: set[str] = set()
-    epochs = []
-    for overrides in jobs:
+    composed = []
+    for overrides in jobs:  # first the rules that need no TensorFlow: a typo in any job is refused at once
         try:
             job = compose(config_name=config.hydra.job.config_name, overrides=overrides, return_hydra_config=True)
             with open_dict(job):
                 choices = job.hydra.runtime.choices
                 del job["hydra"]
-            launch = OmegaConf.to_yaml(OmegaConf.masked_copy(job, ["data", "tracking"]), resolve=True)
-            if launch in checked:  # data and store already checked for an earlier job
+            validate(job, choices, build=False)
+        except Exception as err:
+            raise refusal(overrides, shared, err) from None
+        composed.append((overrides, job, choices))
+    backend.import_tensorflow()  # before the builds and tracking.py import it, so that its start-up noise is filtered
+    checked: set[str] = set()
+    for overrides, job, choices in composed:  # then builds (TensorFlow), and once each the data and the store
+        launch = OmegaConf.to_yaml(OmegaConf.masked_copy(job, ["data", "tracking"]), resolve=True)
+        try:
+            if launch in checked:
                 validate(job, choices)
             else:
                 check_launch(job, choices)
-                checked.add(launch)
         except Exception as err:
-            swept = [o for o in overrides if o not in shared] or overrides
-            first_line = str(err).strip().splitlines()[0]
-            raise SystemExit(f"fashion-sweep: job {swept} refused, nothing was run: {first_line}") from None
-        epochs.append(int(job.trainer.epochs))
-    return epochs
+            raise refusal(overrides, shared, err) from None
+        checked.add(launch)
+    return [int(job.trainer.epochs) for _, job, _ in composed]
+
+
+def refusal(overrides: list[str], shared: set[str], err: Exception) -> SystemExit:
+    """The one-line exit for a refused job, naming it by what it sweeps (not the overrides all jobs share)."""
+    swept = [o for o in overrides if o not in shared] or overrides
+    first_line = str(err).strip().splitlines()[0]
+    return SystemExit(f"fashion-sweep: job {swept} refused, nothing was run: {first_line}")
 
 
 class MlflowSweep(Callback):
@@ -93,7 +105,6 @@ class MlflowSweep(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not HydraConfig.initialized():
             HydraConfig.instance().set_config(config)
-        backend.import_tensorflow()  # before tracking.py imports TensorFlow, so that its start-up noise is filtered
         job_epochs = check_jobs(config)
         try:
             self.open_parent(config, progress.grid_plan(job_epochs, time.time()))

@@ -145,6 +145,25 @@ def test_bad_input_is_refused_in_one_line_before_any_run(tmp_path: Path, overrid
     assert not (tmp_path / "mlruns" / "mlflow.db").exists() or all_runs(tmp_path) == []
 
 
+# Prints, last thing at exit, whether TensorFlow was ever imported; then runs the console script's main().
+WITH_TF_REPORT = (
+    "import atexit, sys; atexit.register(lambda: print('tensorflow imported:', 'tensorflow' in sys.modules, "
+    "file=sys.stderr)); from fashion_sweep.cli import main; main()"
+)
+
+
+@pytest.mark.parametrize("sweep", [[], ["--multirun", "optimizer.lr=0.001,0.002"]], ids=["run", "multirun"])
+def test_a_key_typo_is_refused_before_tensorflow_is_imported(tmp_path: Path, sweep: list[str]) -> None:
+    store = [f"tracking.uri={store_uri(tmp_path / 'mlruns')}", f"hydra.sweep.dir={tmp_path}/multirun"]
+    args = [*sweep, *store, f"hydra.run.dir={tmp_path}/run", "+trainer.epoch=3"]
+    proc = subprocess.run(
+        [str(BIN / "python"), "-c", WITH_TF_REPORT, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+    assert "trainer.epoch is not a key of trainer=default" in proc.stderr
+    assert "tensorflow imported: False" in proc.stderr
+
+
 @pytest.mark.parametrize(
     ("sweep", "message"),
     [
