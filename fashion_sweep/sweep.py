@@ -46,7 +46,7 @@ def check_sweeper(config: DictConfig, jobs: list[list[str]]) -> None:
 def check_jobs(config: DictConfig) -> list[int]:
     """Check every job before any runs (its config, and once each its data and store), so a bad value in the
     5th job wastes no training and leaves nothing in the store; the rules that need no TensorFlow go first, for
-    all jobs, so that a typo is refused in about a second. Returns each job's trainer.epochs."""
+    all jobs, so that a typo is refused before TensorFlow is imported. Returns each job's trainer.epochs."""
     jobs = job_overrides(config)
     given = {o.lstrip("+") for job in jobs for o in job}  # e.g. task=train,lr_find; cli.app refuses the rest
     if config.get("task") == "lr_find" or given & {"experiment=lr_find", "task=lr_find"}:
