@@ -26,13 +26,15 @@ def app(cfg: DictConfig) -> float:
     from fashion_sweep import backend, config
 
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.RUN:  # keys and ranges first: a typo is refused before TensorFlow's ~5 s import
+    single = hydra_cfg.mode == RunMode.RUN  # a --multirun checked every job, its data and store before the first
+    if single:  # keys, ranges, data and store first: refused before TensorFlow's ~5 s import
         config.validate(cfg, hydra_cfg.runtime.choices, build=False)
+        config.check_data_and_store(cfg)
     backend.import_tensorflow()
     from fashion_sweep import tracking
 
-    if hydra_cfg.mode == RunMode.RUN:  # a --multirun checked every job, its data and store before the first
-        config.check_launch(cfg, hydra_cfg.runtime.choices)
+    if single:
+        config.check_builds(cfg)
     elif cfg.task == "lr_find":  # a sweep job that sweep.check_jobs could not see coming (e.g. a user's preset)
         raise config.ConfigError("an LR range test is one run; drop --multirun")
     try:

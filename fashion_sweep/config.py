@@ -181,13 +181,13 @@ def validate(cfg: DictConfig, choices: Mapping[str, Any], build: bool = True) ->
         check_builds(cfg)
 
 
-def check_launch(cfg: DictConfig, choices: Mapping[str, Any]) -> None:
-    """All that is refused before a run exists: the config, then the data (located and verified), then the store."""
-    from fashion_sweep import data, tracking
+def check_data_and_store(cfg: DictConfig) -> None:
+    """What a run needs outside its config: the data (located and verified) and a store it can write to. Neither
+    check imports TensorFlow, so a wrong folder or server is refused within the app's start-up."""
+    from fashion_sweep import data, store
 
-    validate(cfg, choices)
     try:
         data.locate_once(cfg.data.dir, cfg.data.system_dir, cfg.data.cache_dir, cfg.data.url)
-        tracking.check_store(str(cfg.tracking.uri), cfg.tracking.artifact_location, str(cfg.tracking.experiment))
-    except (data.DataError, tracking.StoreError) as err:
+        store.check(str(cfg.tracking.uri), cfg.tracking.artifact_location, str(cfg.tracking.experiment))
+    except (data.DataError, store.StoreError) as err:
         raise ConfigError(str(err)) from None

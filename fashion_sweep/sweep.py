@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from fashion_sweep import backend, compare, halving, progress
-from fashion_sweep.config import check_launch, validate
+from fashion_sweep.config import check_builds, check_data_and_store, validate
 
 log = logging.getLogger(__name__)
 
@@ -45,38 +45,37 @@ def check_sweeper(config: DictConfig, jobs: list[list[str]]) -> None:
 
 def check_jobs(config: DictConfig) -> list[int]:
     """Check every job before any runs (its config, and once each its data and store), so a bad value in the
-    5th job wastes no training and leaves nothing in the store; the rules that need no TensorFlow go first, for
-    all jobs, so that a typo is refused before TensorFlow is imported. Returns each job's trainer.epochs."""
+    5th job wastes no training and leaves nothing in the store; what needs no TensorFlow goes first, for all
+    jobs, so that a typo or a wrong folder is refused before TensorFlow is imported. Returns each job's
+    trainer.epochs."""
     jobs = job_overrides(config)
     given = {o.lstrip("+") for job in jobs for o in job}  # e.g. task=train,lr_find; cli.app refuses the rest
     if config.get("task") == "lr_find" or given & {"experiment=lr_find", "task=lr_find"}:
         raise SystemExit("fashion-sweep: an LR range test is one run; drop --multirun")
     check_sweeper(config, jobs)
     shared = set.intersection(*map(set, jobs)) if len(jobs) > 1 else set()
-    composed = []
-    for overrides in jobs:  # first the rules that need no TensorFlow: a typo in any job is refused at once
+    composed, checked = [], set()
+    for overrides in jobs:  # keys and ranges of every job, and once each data and store setting
         try:
             job = compose(config_name=config.hydra.job.config_name, overrides=overrides, return_hydra_config=True)
             with open_dict(job):
                 choices = job.hydra.runtime.choices
                 del job["hydra"]
             validate(job, choices, build=False)
+            launch = OmegaConf.to_yaml(OmegaConf.masked_copy(job, ["data", "tracking"]), resolve=True)
+            if launch not in checked:
+                check_data_and_store(job)
+                checked.add(launch)
         except Exception as err:
             raise refusal(overrides, shared, err) from None
-        composed.append((overrides, job, choices))
+        composed.append((overrides, job))
     backend.import_tensorflow()  # before the builds and tracking.py import it, so that its start-up noise is filtered
-    checked: set[str] = set()
-    for overrides, job, choices in composed:  # then builds (TensorFlow), and once each the data and the store
-        launch = OmegaConf.to_yaml(OmegaConf.masked_copy(job, ["data", "tracking"]), resolve=True)
+    for overrides, job in composed:  # then each job's model and optimizer are built once (TensorFlow)
         try:
-            if launch in checked:
-                validate(job, choices)
-            else:
-                check_launch(job, choices)
+            check_builds(job)
         except Exception as err:
             raise refusal(overrides, shared, err) from None
-        checked.add(launch)
-    return [int(job.trainer.epochs) for _, job, _ in composed]
+    return [int(job.trainer.epochs) for _, job in composed]
 
 
 def refusal(overrides: list[str], shared: set[str], err: Exception) -> SystemExit:

@@ -152,15 +152,28 @@ WITH_TF_REPORT = (
 )
 
 
+# What is refused without TensorFlow: a key's typo, a folder without the data, a store that cannot be.
+REFUSED_WITHOUT_TF = [
+    ("+trainer.epoch=3", "trainer.epoch is not a key of trainer=default"),
+    ("data.dir={tmp}", "train-images-idx3-ubyte.gz is missing"),
+    ("tracking.uri=mlruns", "tracking.uri=mlruns is not a store MLflow >= 3.13 can use"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), REFUSED_WITHOUT_TF, ids=["typo", "data", "store"])
 @pytest.mark.parametrize("sweep", [[], ["--multirun", "optimizer.lr=0.001,0.002"]], ids=["run", "multirun"])
-def test_a_key_typo_is_refused_before_tensorflow_is_imported(tmp_path: Path, sweep: list[str]) -> None:
-    store = [f"tracking.uri={store_uri(tmp_path / 'mlruns')}", f"hydra.sweep.dir={tmp_path}/multirun"]
-    args = [*sweep, *store, f"hydra.run.dir={tmp_path}/run", "+trainer.epoch=3"]
+def test_what_needs_no_tensorflow_is_refused_before_it_is_imported(
+    tmp_path: Path, sweep: list[str], override: str, message: str
+) -> None:
+    where = [f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/multirun"]
+    store = [] if override.startswith("tracking.uri") else [f"tracking.uri={store_uri(tmp_path / 'mlruns')}"]
+    args = [*sweep, *store, *where, override.format(tmp=tmp_path)]
     proc = subprocess.run(
         [str(BIN / "python"), "-c", WITH_TF_REPORT, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode != 0
-    assert "trainer.epoch is not a key of trainer=default" in proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert "tensorflow imported: False" in proc.stderr
 
 

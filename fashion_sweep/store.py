@@ -1,0 +1,83 @@
+"""Checks a tracking store before anything runs: a scheme MLflow can use, folders it can write, a server that
+answers, an experiment whose artifacts every machine reaches.
+
+Owns those checks and nothing else; it creates nothing and imports neither MLflow nor TensorFlow, so that a bad
+store is refused in the second or two a Hydra app takes to start. Writing to the store is tracking.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
+SERVER_CHECK_SECONDS = 10  # one bounded request to an MLflow server before any run (MLflow's own retries take minutes)
+
+
+class StoreError(Exception):
+    """The tracking store cannot work: unknown scheme, unwritable path, unreachable server."""
+
+
+def check(uri: str, artifact_location: str | None, experiment: str | None = None) -> None:
+    """Raise StoreError unless uri names a store MLflow can write to (and, through a server, an experiment whose
+    artifacts every machine can reach); creates nothing in MLflow."""
+    scheme = urlparse(uri).scheme.split("+")[0]
+    if scheme not in STORE_SCHEMES:
+        raise StoreError(
+            f"tracking.uri={uri} is not a store MLflow >= 3.13 can use: expected sqlite:///PATH, "
+            f"http(s)://HOST:PORT of an MLflow server, or a database URI ({', '.join(STORE_SCHEMES[3:])})"
+        )
+    if scheme == "sqlite":
+        writable_folder(Path(uri.removeprefix("sqlite:///")).parent, f"tracking.uri={uri}")
+        if artifact_location:
+            writable_folder(Path(artifact_location), f"tracking.artifact_location={artifact_location}")
+    elif scheme in ("http", "https"):
+        server_get(uri, "/health")
+        if artifact_location and urlparse(artifact_location).scheme in ("", "file"):
+            raise StoreError(
+                f"tracking.artifact_location={artifact_location} is a folder of one machine, but runs reach the "
+                f"store through the server {uri}: set tracking.artifact_location=null (the server's artifact store)"
+            )
+        if experiment:
+            check_artifact_root(uri, experiment)
+
+
+def server_get(uri: str, path: str) -> bytes:
+    """One GET to an MLflow server with a short timeout (MLflow's own client retries for minutes)."""
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + path, timeout=SERVER_CHECK_SECONDS) as response:
+            return response.read()
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return b""
+        raise StoreError(f"tracking.uri={uri}: the server answered {err.code} to {path}") from None
+    except (OSError, urllib.error.URLError) as err:
+        reason = getattr(err, "reason", err)
+        raise StoreError(f"tracking.uri={uri}: no MLflow server answers there ({reason})") from None
+
+
+def check_artifact_root(uri: str, experiment: str) -> None:
+    """An existing experiment must keep its artifacts where the server, not one machine's disk, holds them."""
+    query = urllib.parse.urlencode({"experiment_name": experiment})
+    answer = server_get(uri, f"/api/2.0/mlflow/experiments/get-by-name?{query}")
+    location = json.loads(answer or b"{}").get("experiment", {}).get("artifact_location", "")
+    if location and urlparse(location).scheme in ("", "file"):
+        raise StoreError(
+            f"experiment {experiment!r} keeps its artifacts in {location}, a folder of one machine, but runs reach "
+            f"it through the server {uri}: pick a new tracking.experiment=NAME (it gets the server's artifact store)"
+        )
+
+
+def writable_folder(folder: Path, what: str) -> None:
+    """Create folder if missing and prove a file can be written in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise StoreError(f"{what}: cannot write to {folder} ({err.strerror or err})") from None
