@@ -23,13 +23,13 @@ class JobFailed(CompactHydraException):
 
 @hydra.main(version_base="1.3", config_path="pkg://fashion_sweep.conf", config_name="config")
 def app(cfg: DictConfig) -> float:
-    from fashion_sweep import backend, config
+    from fashion_sweep import backend, config, data
 
     hydra_cfg = HydraConfig.get()
     single = hydra_cfg.mode == RunMode.RUN  # a --multirun checked every job, its data and store before the first
     if single:  # keys, ranges, data and store first: refused before TensorFlow's ~5 s import
         config.validate(cfg, hydra_cfg.runtime.choices, build=False)
-        config.check_data_and_store(cfg)
+        data.start_decoding(config.check_data_and_store(cfg))  # decoded while TensorFlow is imported
     backend.import_tensorflow()
     from fashion_sweep import tracking
 

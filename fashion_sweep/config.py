@@ -12,6 +12,7 @@ import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import CompactHydraException
@@ -181,13 +182,15 @@ def validate(cfg: DictConfig, choices: Mapping[str, Any], build: bool = True) ->
         check_builds(cfg)
 
 
-def check_data_and_store(cfg: DictConfig) -> None:
-    """What a run needs outside its config: the data (located and verified) and a store it can write to. Neither
-    check imports TensorFlow, so a wrong folder or server is refused within the app's start-up."""
+def check_data_and_store(cfg: DictConfig) -> Path:
+    """What a run needs outside its config: the data (located and verified) and a store it can write to; returns
+    the data's folder. Neither check imports TensorFlow, so a wrong folder or server is refused within the app's
+    start-up."""
     from fashion_sweep import data, store
 
     try:
-        data.locate_once(cfg.data.dir, cfg.data.system_dir, cfg.data.cache_dir, cfg.data.url)
+        folder = data.locate_once(cfg.data.dir, cfg.data.system_dir, cfg.data.cache_dir, cfg.data.url)
         store.check(str(cfg.tracking.uri), cfg.tracking.artifact_location, str(cfg.tracking.experiment))
     except (data.DataError, store.StoreError) as err:
         raise ConfigError(str(err)) from None
+    return folder

@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from fashion_sweep import backend, compare, halving, progress
+from fashion_sweep import backend, compare, data, halving, progress
 from fashion_sweep.config import check_builds, check_data_and_store, validate
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ def check_jobs(config: DictConfig) -> list[int]:
         raise SystemExit("fashion-sweep: an LR range test is one run; drop --multirun")
     check_sweeper(config, jobs)
     shared = set.intersection(*map(set, jobs)) if len(jobs) > 1 else set()
+    in_process = str(config.hydra.launcher._target_).endswith(".BasicLauncher")  # not joblib's or Ray's workers
     composed, checked = [], set()
     for overrides in jobs:  # keys and ranges of every job, and once each data and store setting
         try:
@@ -64,7 +65,9 @@ def check_jobs(config: DictConfig) -> list[int]:
             validate(job, choices, build=False)
             launch = OmegaConf.to_yaml(OmegaConf.masked_copy(job, ["data", "tracking"]), resolve=True)
             if launch not in checked:
-                check_data_and_store(job)
+                folder = check_data_and_store(job)
+                if in_process:  # the jobs run here: decoded while TensorFlow is imported
+                    data.start_decoding(folder)
                 checked.add(launch)
         except Exception as err:
             raise refusal(overrides, shared, err) from None

@@ -54,6 +54,20 @@ def test_decoded_data_is_cached_per_process(fashion_dir: Path) -> None:
     assert data.load(fashion_dir) is data.load(fashion_dir)
 
 
+def test_decoding_started_early_runs_on_its_own_thread_and_load_takes_its_result(
+    fashion_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    expected = data.decode(fashion_dir)
+    data.load.cache_clear()
+    with caplog.at_level("INFO", logger="fashion_sweep.data"):
+        data.start_decoding(fashion_dir)  # as the app does before importing TensorFlow
+        loaded = data.load(fashion_dir)
+    decodes = [r for r in caplog.records if r.getMessage().startswith("Decoded Fashion-MNIST")]
+    assert [r.threadName.startswith("decode") for r in decodes] == [True]  # once, and not on this thread
+    assert np.array_equal(loaded.x_train, expected.x_train) and np.array_equal(loaded.y_test, expected.y_test)
+    assert data.load(fashion_dir) is loaded
+
+
 def test_jobs_with_one_data_setting_share_one_read_only_split(fashion_dir: Path) -> None:
     first, dataset = data.load_split(fashion_dir, 0.1, 1000, 3)
     assert data.load_split(fashion_dir, 0.1, 1000, 3)[0] is first and dataset is data.load(fashion_dir)
