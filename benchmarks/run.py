@@ -202,13 +202,17 @@ def overhead(harness: Harness, s: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def sweep_scaling(harness: Harness, s: dict[str, Any]) -> list[dict[str, Any]]:
+def sweep_scaling(harness: Harness, s: dict[str, Any], overrides: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Multiruns of N jobs (small slice, 1 epoch): wall time, per-job overhead, how often data was decoded."""
     rows = []
     for n in s["sweep_jobs"]:
         rates = ",".join(map(str, SWEEP_RATES[:n]))
         finished, runs = harness.run(
-            f"optimizer.lr={rates}", "trainer.epochs=1", f"data.train_size={s['sweep_train_size']}", multirun=True
+            f"optimizer.lr={rates}",
+            "trainer.epochs=1",
+            f"data.train_size={s['sweep_train_size']}",
+            *overrides,
+            multirun=True,
         )
         runs = sorted(runs, key=lambda r: r.info.start_time)
         job_overheads = [(r.info.end_time - r.info.start_time) / 1000 - r.data.metrics["fit_seconds"] for r in runs]

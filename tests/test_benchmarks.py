@@ -61,8 +61,10 @@ def test_benchmarks_run_in_their_smallest_setting_and_write_results(tmp_path: Pa
     assert two["per_job_overhead_seconds"] * 2 == pytest.approx(
         two["first_job_overhead_seconds"] + two["later_jobs_overhead_seconds"]
     )
-    overhead_table = job_overhead.markdown(results["sweep_scaling"], {}, results["machine"])
+    settings = {"overrides": ["trainer.precision=float32"]}
+    overhead_table = job_overhead.markdown(results["sweep_scaling"], settings, results["machine"])
     assert overhead_table.count("\n| ") == 3 and results["machine"]["cpu"] in overhead_table  # header + 2 rows
+    assert "Every job with `trainer.precision=float32`." in overhead_table
     assert set(results["targets"]) == {
         "throughput_ratio", "utilisation", "overhead_fraction_longest", "per_job_overhead_seconds",
         "peak_rss_gb_one_run",
