@@ -46,12 +46,29 @@ def filtered_stderr(noise: re.Pattern[str]) -> Iterator[None]:
                 print("\n".join(kept), file=sys.stderr, flush=True)
 
 
+@contextmanager
+def sklearn_hidden() -> Iterator[None]:
+    """While inside, `import sklearn` fails as if it were not installed; afterwards it imports as usual."""
+    if "sklearn" in sys.modules:
+        yield
+        return
+    sys.modules["sklearn"] = None  # type: ignore[assignment]  # None in sys.modules: the import raises ImportError
+    try:
+        yield
+    finally:
+        if "sklearn" in sys.modules and sys.modules["sklearn"] is None:
+            del sys.modules["sklearn"]
+
+
 def import_tensorflow() -> None:
     """Import TensorFlow and let it find its devices (where CUDA is probed), hiding only known start-up noise."""
     if "tensorflow" in sys.modules:
         return
     noise = ALWAYS_NOISE if has_nvidia_gpu() else re.compile(f"{ALWAYS_NOISE.pattern}|{CUDA_NOISE.pattern}")
-    with filtered_stderr(noise):
+    # Keras 3.15 imports scikit-learn (installed for MLflow) at its own import, for wrappers we do not use: 0.7-1.0 s
+    # per process (AMD EPYC); TensorFlow 2.21's import imports Keras.
+    with filtered_stderr(noise), sklearn_hidden():
+        import keras  # noqa: F401
         import tensorflow as tf
 
         tf.config.list_physical_devices()  # the CUDA probe happens here, inside the filter
