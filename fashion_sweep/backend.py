@@ -1,7 +1,7 @@
 """The TensorFlow runtime under Keras: imported once, quietly, by the jobs that train, in the precision they train in.
 
-Owns what TensorFlow prints at start-up and the precision (policy, choice per CPU, a fix to TensorFlow's bfloat16
-bias gradients); it does not build, train or log anything.
+Owns TensorFlow's start-up (what it prints, what its import pulls in) and the precision (policy, choice per CPU, a
+fix to TensorFlow's bfloat16 bias gradients); it does not build, train or log anything.
 """
 
 from __future__ import annotations
