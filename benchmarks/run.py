@@ -22,19 +22,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from datetime import date
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import keras
-import mlflow
-import tensorflow as tf
 from hydra import compose, initialize_config_module
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from benchmarks.flops import matmul_peak, training_flops_per_image
 from fashion_sweep.backend import choose_precision, cpu_flags, cpu_vendor, cpuinfo_field
-from fashion_sweep.models import build_model
 
 HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent
@@ -167,6 +163,10 @@ def throughput(harness: Harness, s: dict[str, Any]) -> dict[str, Any]:
 
 def utilisation(harness_images_per_s: float, matmul_sizes: tuple[int, ...], seconds: float) -> dict[str, Any]:
     """seed_cnn's training FLOP/s at the measured throughput, as a fraction of the matmul peak."""
+    # TensorFlow only here: the benchmarks' own process otherwise just starts and reads runs (~5 s less each)
+    from benchmarks.flops import matmul_peak, training_flops_per_image
+    from fashion_sweep.models import build_model
+
     with initialize_config_module("fashion_sweep.conf", version_base="1.3"):
         model = build_model(compose("config").model)
     flops = training_flops_per_image(model)
@@ -253,9 +253,9 @@ def machine() -> dict[str, Any]:
         "simd": [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags],
         "auto_precision": " ".join(choose_precision("auto", flags, cpu_vendor())),  # what auto picks here
         "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "mlflow": mlflow.__version__,
+        "tensorflow": version("tensorflow"),
+        "keras": version("keras"),
+        "mlflow": version("mlflow"),
     }
 
 
