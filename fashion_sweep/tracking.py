@@ -33,6 +33,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
+from mlflow.utils import requirements_utils
 from omegaconf import DictConfig, OmegaConf
 
 from fashion_sweep import checkpoint, data
@@ -333,4 +334,21 @@ def log_model(model: keras.Model, example: np.ndarray, example_output: np.ndarra
     signature = infer_signature(example, example_output)
     # Explicit requirements: letting mlflow 3.17 infer them costs ~5 s per run; these are what loading needs.
     requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
-    mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
+    with requirements_checked_by_name():
+        mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
+
+
+@contextmanager
+def requirements_checked_by_name() -> Iterator[None]:
+    """While inside, mlflow checks a model's pip requirements against this environment without first mapping
+    every installed package's modules (importlib.metadata.packages_distributions(): 0.3-0.5 s, once per process,
+    AMD EPYC). mlflow 3.17 builds that map before the check although it looks each requirement up by its
+    distribution name first, which finds ours (tensorflow, keras, mlflow); requirements_utils has no public switch."""
+    if getattr(requirements_utils, "_MODULES_TO_PACKAGES", {}) is not None:  # built already (or mlflow changed)
+        yield
+        return
+    requirements_utils._MODULES_TO_PACKAGES = {}  # type: ignore[assignment]  # mlflow declares it None until built
+    try:
+        yield
+    finally:
+        requirements_utils._MODULES_TO_PACKAGES = None  # a later requirement inference builds the real map
