@@ -46,7 +46,9 @@ def sweep_of(client: MlflowClient, run: Run) -> Run:
 
 
 def find_target(client: MlflowClient, target: str | None) -> Run | None:
-    """The run or sweep named by target (run id, sweep id or run name); with None, the newest that did not finish."""
+    """The run or sweep named by target (run id, sweep id or run name); with None, the newest that did not finish.
+    A name many runs share (every default run is 'seed_cnn rmsprop lr=0.001') means the newest of them that did not
+    finish, else the newest."""
     from fashion_sweep import tracking
 
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -64,7 +66,8 @@ def find_target(client: MlflowClient, target: str | None) -> Run | None:
     named = client.search_runs(experiments, f"attributes.run_name = '{target}'", order_by=["start_time DESC"])
     if not named:
         raise LookupError(f"no run or sweep {target!r} in the store")
-    return sweep_of(client, named[0])
+    candidates = [sweep_of(client, run) for run in named]
+    return next((run for run in candidates if not tracking.is_done(run)), candidates[0])
 
 
 def still_alive(client: MlflowClient, run: Run) -> str | None:

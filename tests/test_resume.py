@@ -13,6 +13,7 @@ import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from fashion_sweep import resume as resume_script
 from tests.conftest import BIN, all_runs, interruptible, run_script, store_uri
 
 EPOCH_METRICS = ["loss", "accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds"]
@@ -161,6 +162,20 @@ def test_resume_refuses_an_unknown_target_and_config_overrides(lr_sweep) -> None
     changed = resume(tmp, "optimizer.lr=0.1")
     assert changed.returncode != 0 and "would change the jobs" in changed.stderr
     assert "Traceback" not in unknown.stderr + changed.stderr
+
+
+def test_a_run_name_many_runs_share_means_the_newest_of_them_that_did_not_finish(tmp_path: Path) -> None:
+    (tmp_path / "mlruns").mkdir()
+    client = MlflowClient(store_uri(tmp_path / "mlruns"))
+    experiment = client.create_experiment("fashion-sweep", artifact_location=str(tmp_path / "artifacts"))
+    name, now = "seed_cnn rmsprop lr=0.001", int(datetime.now(UTC).timestamp() * 1000)
+    killed = client.create_run(experiment, start_time=now - 60_000, run_name=name).info.run_id
+    client.set_terminated(killed, "KILLED")
+    later = client.create_run(experiment, start_time=now, run_name=name).info.run_id
+    client.set_terminated(later, "FINISHED")
+    assert resume_script.find_target(client, name).info.run_id == killed  # not the newer, finished one
+    client.set_terminated(killed, "FINISHED")
+    assert resume_script.find_target(client, name).info.run_id == later  # all finished: the newest ("nothing to do")
 
 
 def test_resume_refuses_a_running_run_whose_process_is_alive(tmp_path: Path) -> None:
