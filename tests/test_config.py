@@ -135,11 +135,15 @@ def test_optimizer_sweep_crosses_the_rates_with_three_optimizers() -> None:
         ("trainer.batch_size=0", r"trainer.batch_size=0 is not allowed"),
         ("trainer.eval_batch_size=0", r"trainer.eval_batch_size=0 is not allowed: expected a whole number >= 1"),
         ("data.val_fraction=1.5", r"data.val_fraction=1.5 is not allowed"),
+        ("tracking.log_model=maybe", r"tracking.log_model='maybe' is not allowed: expected true or false"),
+        ("optimizer=sgd optimizer.nesterov=maybe", r"optimizer.nesterov='maybe' is not allowed: expected true or"),
+        ("trainer.verbose=5", r"trainer.verbose=5 is not allowed: expected 0, 1 or 2"),
+        ("tracking.experiment=", r"tracking.experiment='' is not allowed: expected an experiment name"),
     ],
 )
 def test_out_of_range_values_are_refused_naming_key_and_value(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        check(override)
+        check(*override.split())
 
 
 @pytest.mark.parametrize(
