@@ -290,7 +290,8 @@ def fit_and_record(cfg: DictConfig, client: MlflowClient, previous: Run | None, 
         verbose=cfg.trainer.verbose,
     )
     history = recorder.history
-    mlflow.log_metric("fit_seconds", recorder.fit_seconds)
+    # step = the epochs trained so far: a run continued rung by rung (or resumed) logs it once per fit, in order
+    mlflow.log_metric("fit_seconds", recorder.fit_seconds, step=len(history.get("loss", [])))
     if guard.reason is not None:
         mlflow.set_tag("diverged", "true")
         raise Diverged(f"{guard.reason}; training stopped")

@@ -11,9 +11,10 @@ import pytest
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 
 from fashion_sweep.halving import check_plan, expand, rungs, survivors
-from tests.conftest import all_runs, fashion_sweep
+from tests.conftest import all_runs, fashion_sweep, store_uri
 from tests.test_resume import EPOCH_METRICS, launch, resume, steps, stop_after
 
 # 0.3 diverges in its first epoch, 1e-5 barely moves; 0.001 is the clear winner on 2,000 images after 3 epochs.
@@ -84,6 +85,8 @@ def check_halved(tmp: Path) -> None:
             assert steps(tmp, run) == {m: [1] for m in EPOCH_METRICS}
         else:
             assert steps(tmp, run) == {m: [1, 2, 3] for m in EPOCH_METRICS}  # continued, not restarted
+            fit_seconds = MlflowClient(store_uri(tmp / "mlruns")).get_metric_history(run.info.run_id, "fit_seconds")
+            assert sorted(m.step for m in fit_seconds) == [1, 3]  # once per rung, at the epoch it reached
             assert "test_accuracy" in run.data.metrics
     assert (tmp / "multirun" / "multirun.yaml").is_file() and (tmp / "multirun" / "report" / "summary.csv").is_file()
 
