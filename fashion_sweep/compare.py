@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     except (LookupError, MlflowException, OSError) as err:
         sys.exit(f"fashion-sweep-compare: {' '.join(str(err).split())} ({uri})")
     print(markdown(report.table, report.terminal_columns))
-    print(f"Report of sweep {parent.info.run_name} written to {report.files[0].parent}")
+    print(f"Report of {parent.info.run_name!r} ({parent.info.run_id}) written to {report.files[0].parent}")
 
 
 if __name__ == "__main__":
