@@ -341,8 +341,8 @@ def log_model(model: keras.Model, example: np.ndarray, example_output: np.ndarra
 @contextmanager
 def requirements_checked_by_name() -> Iterator[None]:
     """While inside, mlflow checks a model's pip requirements against this environment without first mapping
-    every installed package's modules (importlib.metadata.packages_distributions(): 0.3-0.5 s, once per process,
-    AMD EPYC). mlflow 3.17 builds that map before the check although it looks each requirement up by its
+    every installed package's modules (importlib.metadata.packages_distributions(): ~0.3 s once per process on
+    an AMD EPYC). mlflow 3.17 builds that map before the check although it looks each requirement up by its
     distribution name first, which finds ours (tensorflow, keras, mlflow); requirements_utils has no public switch."""
     if getattr(requirements_utils, "_MODULES_TO_PACKAGES", {}) is not None:  # built already (or mlflow changed)
         yield

@@ -20,7 +20,7 @@ ROOT = Path(__file__).parents[1]
 QUICK = ["data.train_size=1000", "trainer.epochs=1", "trainer.verbose=0"]
 # The test files by their time in the suite, longest first (seconds, AMD EPYC, 2 cores, 2026-12-04): xdist hands
 # each worker the next file in this order, so the long ones start first and the short ones fill the end. Files not
-# named here follow, in pytest's order. (xdist's own reorder, by number of tests, left a ~70 s tail.)
+# named here follow, in pytest's order. (xdist's own order, by number of tests, started the long files last.)
 LONGEST_FIRST = [
     "test_resume.py",  # 159
     "test_benchmarks.py",  # 158
