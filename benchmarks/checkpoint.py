@@ -1,8 +1,8 @@
 """What the per-epoch checkpoint costs: its write (capture, save, MLflow artifact, tags) against an epoch.
 
 Trains the default model (seed_cnn, RMSprop, batch 128) for epochs on all 54,000 training images exactly as a
-run does (train.training_batches into model.fit), then writes the checkpoint `repeats` times into a scratch
-SQLite store as tracking.EpochRecorder does after every epoch. Prints one JSON line; run it with
+run does (pipeline.training_batches into model.fit), then writes the checkpoint `repeats` times into a scratch
+SQLite store as callbacks.EpochRecorder does after every epoch. Prints one JSON line; run it with
 `.venv/bin/python -m benchmarks.checkpoint` (about 2 minutes on 2 cores).
 """
 
@@ -23,8 +23,8 @@ import keras  # noqa: E402
 import mlflow  # noqa: E402
 
 from benchmarks.baseline import EpochTimer, load_split, reference_model  # noqa: E402
-from fashion_sweep import checkpoint, tracking  # noqa: E402
-from fashion_sweep.train import training_batches  # noqa: E402
+from fashion_sweep import checkpoint  # noqa: E402
+from fashion_sweep.pipeline import training_batches  # noqa: E402
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
             writes = []
             for epoch in range(1, args.repeats + 1):
                 started = time.perf_counter()
-                tracking.log_checkpoint(checkpoint.capture(model, epoch, history, 0.0))
+                checkpoint.log_to_run(checkpoint.capture(model, epoch, history, 0.0))
                 writes.append(time.perf_counter() - started)
             size = sum(p.stat().st_size for p in Path(folder, "a").rglob("slot-0.npz"))
     epoch_seconds = statistics.median(timer.seconds[1:] or timer.seconds)

@@ -39,7 +39,7 @@ def free_port() -> int:
 
 
 def write(uri: str, experiment_id: str, runs: int, epochs: int, start_at: float) -> None:
-    """One writer: runs runs of epochs epochs, logged as tracking.EpochRecorder logs them, from start_at (all
+    """One writer: runs runs of epochs epochs, logged as callbacks.EpochRecorder logs them, from start_at (all
     writers start together, after their imports); prints its start and end times."""
     from mlflow.tracking import MlflowClient
 

@@ -1,7 +1,7 @@
 """The TensorFlow runtime under Keras: imported once, quietly, by the jobs that train, in the precision they train in.
 
-Owns TensorFlow's start-up (what it prints, what its import pulls in) and the precision (policy, choice per CPU, a
-fix to TensorFlow's bfloat16 bias gradients); it does not build, train or log anything.
+Owns TensorFlow's start-up (what it prints, what its import pulls in) and the precision (policy, choice per CPU;
+the fix to TensorFlow's bfloat16 bias gradients is tf_internals.py's); it does not build, train or log anything.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 # Start-up lines TensorFlow 2.21 writes to stderr before absl logging is initialised, so that
 # TF_CPP_MIN_LOG_LEVEL does not hide them (tensorflow/tensorflow#100442).
@@ -113,6 +112,11 @@ def choose_precision(setting: str, flags: set[str], vendor: str) -> tuple[str, s
     return "float32", f"auto: avx512_bf16 without AMX ({vendor or 'vendor unknown'}), slower in bfloat16 on Intel"
 
 
+def precision_here(setting: str) -> tuple[str, str]:
+    """(precision, why) for trainer.precision on this machine's CPU."""
+    return choose_precision(setting, cpu_flags(), cpu_vendor())
+
+
 def set_precision(precision: str) -> None:
     """Keras' global dtype policy for a precision: float32, or bfloat16 = mixed_bfloat16 (float32 weights) with
     bias gradients summed in float32."""
@@ -120,32 +124,6 @@ def set_precision(precision: str) -> None:
 
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
     if precision == "bfloat16":
-        sum_bfloat16_bias_gradients_in_float32()
+        from fashion_sweep import tf_internals  # TensorFlow: this module is imported before it
 
-
-def sum_bfloat16_bias_gradients_in_float32() -> None:
-    """Make the gradient of tf.nn.bias_add sum bfloat16 inputs in float32, as tf.reduce_sum does.
-
-    Keras 3.15 adds every Conv2D and Dense bias with tf.nn.bias_add, whose CPU gradient kernel BiasAddGrad sums in
-    the input's type for bfloat16 (TensorFlow 2.21 bias_op.cc promotes only half; tensorflow/tensorflow#86378):
-    20% error over 100k values, the count of a 28x28 conv bias in a 128-image batch, against 0.2% with
-    tf.reduce_sum. Other dtypes keep TensorFlow's own gradient. Idempotent.
-    """
-    import tensorflow as tf
-    from tensorflow.python.framework import ops  # the gradient registry has no public setter
-
-    entry = ops.gradient_registry._registry["BiasAdd"]
-    if getattr(entry["type"], "sums_bfloat16_in_float32", False):
-        return
-    tensorflow_gradient = entry["type"]
-
-    def bias_add_gradient(op: Any, grad: Any) -> Any:
-        rank = grad.shape.rank
-        if grad.dtype != tf.bfloat16 or rank is None:
-            return tensorflow_gradient(op, grad)
-        channel_axis = 1 if op.get_attr("data_format") == b"NCHW" else -1
-        axes = [axis for axis in range(rank) if axis != channel_axis % rank]
-        return grad, tf.reduce_sum(grad, axis=axes)  # TensorFlow sums bfloat16 in float32 here
-
-    bias_add_gradient.sums_bfloat16_in_float32 = True  # type: ignore[attr-defined]
-    entry["type"] = bias_add_gradient
+        tf_internals.sum_bfloat16_bias_gradients_in_float32()

@@ -1,9 +1,9 @@
 """A training run's checkpoint: everything that makes a continued run equal to an uninterrupted one.
 
 Owns the file format (one .npz: the model's variables with Dropout's random-seed state, the optimizer's
-variables with its iteration count, the epoch reached, the history so far) and putting it back into a model.
-Where checkpoints are stored (an MLflow artifact) is tracking.py's concern; the data order per epoch is
-train.py's.
+variables with its iteration count, the epoch reached, the history so far), where it is kept (two artifact slots of
+the run, tags `checkpoint`, `checkpoint_epoch`, `checkpoint_sha256`) and putting it back into a model. When it is
+written is callbacks.py's; when it is read, continuation.py's; the data order per epoch is pipeline.py's.
 """
 
 from __future__ import annotations
@@ -11,11 +11,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import mlflow
 import numpy as np
+from mlflow.entities import Run
 
 
 class CheckpointError(Exception):
@@ -70,3 +73,24 @@ def restore(model: keras.Model, state: Checkpoint) -> None:
         raise CheckpointError("the checkpoint holds other variables than this model: was the config changed?")
     for name, variable in targets.items():
         variable.assign(state.variables[name])
+
+
+def log_to_run(state: Checkpoint) -> None:
+    """Write state into one of two artifact slots of the active run, then point the tag `checkpoint` at it: a
+    process killed while writing leaves the tag on the previous, whole checkpoint."""
+    path = f"checkpoint/slot-{state.epoch % 2}.npz"
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(folder) / Path(path).name
+        digest = save(state, local)
+        mlflow.log_artifact(str(local), "checkpoint")
+    mlflow.set_tags({"checkpoint": path, "checkpoint_epoch": str(state.epoch), "checkpoint_sha256": digest})
+
+
+def load_from_run(run: Run) -> Checkpoint | None:
+    """The newest whole checkpoint of run (checked against its SHA-256), or None if it has none."""
+    tags = run.data.tags
+    if "checkpoint" not in tags:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        local = mlflow.artifacts.download_artifacts(f"{run.info.artifact_uri}/{tags['checkpoint']}", dst_path=folder)
+        return load(Path(local), tags["checkpoint_sha256"])

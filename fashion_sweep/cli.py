@@ -31,7 +31,7 @@ def app(cfg: DictConfig) -> float:
         config.validate(cfg, hydra_cfg.runtime.choices, build=False)
         data.start_decoding(config.check_data_and_store(cfg))  # decoded while TensorFlow is imported
     backend.import_tensorflow()
-    from fashion_sweep import tracking
+    from fashion_sweep import runs
 
     if single:
         config.check_builds(cfg)
@@ -46,7 +46,7 @@ def app(cfg: DictConfig) -> float:
 
         return train(cfg)
     except Exception as err:
-        raise JobFailed(tracking.error_summary(err)) from None  # the traceback is in the run's traceback.txt
+        raise JobFailed(runs.error_summary(err)) from None  # the traceback is in the run's traceback.txt
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -54,8 +54,8 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 
 def interrupted_message() -> str:
-    tracking = sys.modules.get("fashion_sweep.tracking")  # imported only if a job got that far
-    run_id = getattr(tracking, "last_run_id", None)
+    runs = sys.modules.get("fashion_sweep.runs")  # imported only if a job got that far
+    run_id = getattr(runs, "last_run_id", None)
     if run_id is None:
         return "fashion-sweep: interrupted before any run started"
     if "fashion_sweep.lr_find" in sys.modules:  # an LR range test is short and not resumed

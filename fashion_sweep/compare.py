@@ -23,7 +23,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fashion_sweep import plots
+from fashion_sweep import plots, runs, store
 
 LR = "optimizer.lr"
 SEED = "trainer.seed"
@@ -66,30 +66,6 @@ class Report:
         return [c for c in self.columns if c != "run_id"]
 
 
-def default_tracking_uri() -> str:
-    """The project's local store, as conf/tracking/local.yaml names it: ./mlruns/mlflow.db."""
-    return f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
-
-
-def find_parent(client: MlflowClient, sweep: str | None) -> Run:
-    """The parent run of a sweep, by sweep id (= parent run id) or parent run name; the latest if None."""
-    experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    matches = (
-        [f"tags.sweep_id = '{sweep}'", f"attributes.run_name = '{sweep}'"] if sweep else ["attributes.run_name != ''"]
-    )
-    for match in matches:  # MLflow's search has no OR: try the id, then the name
-        query = f"tags.sweep_role = 'parent' and {match}"
-        runs = client.search_runs(experiment_ids, query, order_by=["attributes.start_time DESC"], max_results=1)
-        if runs:
-            return runs[0]
-    raise LookupError(f"no sweep {sweep!r} in the store" if sweep else "no sweep in the store yet")
-
-
-def child_runs(client: MlflowClient, parent: Run) -> list[Run]:
-    query = f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
-    return client.search_runs([parent.info.experiment_id], query, max_results=10_000)
-
-
 def swept_keys(params: list[dict[str, str]]) -> list[str]:
     """The params every run has and whose values differ between runs, learning rate first (always)."""
     shared = sorted(set.intersection(*(set(p) for p in params))) if params else []
@@ -102,27 +78,30 @@ def halving_rungs(parent_tags: dict[str, str]) -> list[int]:
     return sorted({int(k) for k in parent_tags.get("halving_rungs", "").split(",") if k.strip()})
 
 
-def status_of(run: Run) -> str:
-    if run.data.tags.get("diverged") == "true":
-        return "DIVERGED"
-    if run.data.tags.get("pruned") == "true" and run.info.status == "FINISHED":
-        return "PRUNED"
-    return run.info.status
-
-
 def lowest(values: list[float], epochs: int) -> float | str:
     """The lowest finite value of epochs 1..epochs; blank if the run did not reach that epoch."""
     finite = [v for v in values[:epochs] if math.isfinite(v)]
     return "" if len(values) < epochs else min(finite, default=math.nan)
 
 
-def summarize(run: Run, history: dict[str, list[float]], swept: list[str], rungs: Sequence[int] = ()) -> Row:
-    """One table row: the swept values, then COLUMNS, and val_loss@k for each rung k of a halving sweep."""
+def more_metrics(children: list[Run]) -> list[str]:
+    """The per-epoch metrics the sweep's runs logged beyond loss, accuracy and their val_ twins (a metric compiled
+    into the model later): each gets a final_<name> column."""
+    known = set(runs.EPOCH_METRICS_BEFORE_TAG)
+    names = (name for run in children for name in runs.epoch_metrics(run) if name not in known)
+    return list(dict.fromkeys(names))
+
+
+def summarize(
+    run: Run, history: dict[str, list[float]], swept: list[str], rungs: Sequence[int] = (), more: Sequence[str] = ()
+) -> Row:
+    """One table row: the swept values, then COLUMNS, val_loss@k for each rung k of a halving sweep, and the final
+    value of each metric in more."""
     val_loss = history.get("val_loss", [])
     finite = [v for v in val_loss if math.isfinite(v)]
     best_index = val_loss.index(min(finite)) if finite else None
     metrics, tags = run.data.metrics, run.data.tags
-    status = status_of(run)
+    status = runs.status_of(run)
     row: Row = {key: run.data.params.get(key, "") for key in swept}
     row.update(
         best_val_loss=min(finite) if finite else math.nan,
@@ -138,13 +117,16 @@ def summarize(run: Run, history: dict[str, list[float]], swept: list[str], rungs
         note=tags.get("error", f"pruned at epoch {tags.get('pruned_at_epoch', '?')}" if status == "PRUNED" else ""),
     )
     row.update({f"val_loss@{k}": lowest(val_loss, k) for k in rungs})
+    row.update({f"final_{name}": metrics.get(name, math.nan) for name in more})
     return row
 
 
-def run_columns(swept: list[str], rungs: Sequence[int] = ()) -> list[str]:
-    """The runs table's columns: the swept keys, then COLUMNS with val_loss@k for each rung after best_epoch."""
+def run_columns(swept: list[str], rungs: Sequence[int] = (), more: Sequence[str] = ()) -> list[str]:
+    """The runs table's columns: the swept keys, then COLUMNS with val_loss@k for each rung after best_epoch and
+    final_<name> for each metric in more after the other final values."""
     at_rungs = [f"val_loss@{k}" for k in rungs]
-    return [*swept, *COLUMNS[:2], *at_rungs, *COLUMNS[2:]]
+    finals = [f"final_{name}" for name in more]
+    return [*swept, *COLUMNS[:2], *at_rungs, *COLUMNS[2:5], *finals, *COLUMNS[5:]]
 
 
 def rank(rows: list[Row]) -> list[Row]:
@@ -184,12 +166,12 @@ def settings(rows: list[Row], keys: list[str]) -> list[Row]:
     for row in rows:
         groups.setdefault(tuple(row[k] for k in keys), []).append(row)
     table = []
-    for values, runs in groups.items():
-        finished = [r for r in runs if r["status"] == "FINISHED"]
-        setting: Row = dict(zip(keys, values, strict=True), n=len(runs), n_finished=len(finished))
+    for values, members in groups.items():
+        finished = [r for r in members if r["status"] == "FINISHED"]
+        setting: Row = dict(zip(keys, values, strict=True), n=len(members), n_finished=len(finished))
         for metric in ("best_val_loss", "test_accuracy"):
             setting[f"{metric}_mean"], setting[f"{metric}_std"] = mean_std([r[metric] for r in finished])
-        setting["status"] = status_summary([r["status"] for r in runs])
+        setting["status"] = status_summary([r["status"] for r in members])
         table.append(setting)
 
     def key(setting: Row) -> tuple:
@@ -267,7 +249,9 @@ def pruned_points(rows: list[Row], keys: list[str]) -> Pruned:
     }
 
 
-def summary(rows: list[Row], swept: list[str], rungs: list[int]) -> tuple[list[Row], list[str], Row | None, str]:
+def summary(
+    rows: list[Row], swept: list[str], rungs: list[int], more: Sequence[str] = ()
+) -> tuple[list[Row], list[str], Row | None, str]:
     """summary.md's table, its columns, the best row and how best was chosen: the runs (ranked), or one row per
     setting when the seed is swept."""
     if SEED in swept:
@@ -275,7 +259,7 @@ def summary(rows: list[Row], swept: list[str], rungs: list[int]) -> tuple[list[R
         table = settings(rows, keys)
         return table, [*keys, *SETTING_COLUMNS], best_setting(table), BEST_SETTING_IS
     best = rows[0] if rows and rows[0]["status"] == "FINISHED" else None
-    return rows, run_columns(swept, rungs), best, BEST_OF_HALVING_IS if rungs else BEST_IS
+    return rows, run_columns(swept, rungs, more), best, BEST_OF_HALVING_IS if rungs else BEST_IS
 
 
 def curve_label(row: Row, swept: list[str]) -> str:
@@ -296,25 +280,26 @@ def write_table(path: Path, rows: list[Row], columns: list[str], title: str) -> 
 
 def write_report(client: MlflowClient, parent: Run, out: Path) -> Report:
     """Read the sweep's child runs, write the report files into out, return what was written."""
-    runs = child_runs(client, parent)
-    swept = swept_keys([r.data.params for r in runs])
+    children = runs.child_runs(client, parent.info.experiment_id, parent.info.run_id)
+    swept = swept_keys([r.data.params for r in children])
     rungs = halving_rungs(parent.data.tags)
     histories = {
         r.info.run_id: {
             m: [p.value for p in sorted(client.get_metric_history(r.info.run_id, m), key=lambda p: p.step)]
             for m in ("loss", "val_loss", "val_accuracy")
         }
-        for r in runs
+        for r in children
     }
-    rows = rank([summarize(r, histories[r.info.run_id], swept, rungs) for r in runs])
-    table, columns, best, best_is = summary(rows, swept, rungs)
+    more = more_metrics(children)
+    rows = rank([summarize(r, histories[r.info.run_id], swept, rungs, more) for r in children])
+    table, columns, best, best_is = summary(rows, swept, rungs, more)
 
     out.mkdir(parents=True, exist_ok=True)
     title = f"# Sweep {parent.info.run_name} ({parent.info.run_id})\n\n{len(rows)} runs"
     if SEED in swept:  # summary.* has a row per setting, runs.* one per run
         files = write_table(out / "summary", table, columns, f"{title} in {len(table)} settings; {best_is}.\n\n")
         runs_are = BEST_OF_HALVING_IS if rungs else BEST_IS
-        files += write_table(out / "runs", rows, run_columns(swept, rungs), f"{title}; {runs_are}.\n\n")
+        files += write_table(out / "runs", rows, run_columns(swept, rungs, more), f"{title}; {runs_are}.\n\n")
     else:
         files = write_table(out / "summary", table, columns, f"{title}; {best_is}.\n\n")
 
@@ -340,12 +325,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="report directory (default: reports/<sweep id>)")
     args = parser.parse_args(argv)
 
-    uri = args.tracking_uri or default_tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        sys.exit(f"fashion-sweep-compare: no MLflow store at {uri}; run a sweep first or pass --tracking-uri")
+    uri = args.tracking_uri or store.default_tracking_uri()
+    if missing := store.missing_local_store(uri):
+        sys.exit(f"fashion-sweep-compare: {missing}; run a sweep first or pass --tracking-uri")
     client = MlflowClient(uri)
     try:
-        parent = find_parent(client, args.sweep)
+        parent = runs.find_parent(client, args.sweep)
         report = write_report(client, parent, args.out or Path("reports") / parent.info.run_id)
     except (LookupError, MlflowException, OSError) as err:
         sys.exit(f"fashion-sweep-compare: {' '.join(str(err).split())} ({uri})")

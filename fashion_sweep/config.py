@@ -18,10 +18,8 @@ from typing import Any
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
-MODELS = ("seed_cnn", "readme_cnn", "cnn_bn", "mlp")  # models.BUILDERS, named here so --help needs no Keras
-OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd")  # optimizers.OPTIMIZERS
 SCHEDULES = ("constant", "cosine", "one_cycle")  # optimizers.learning_rate
-AUGMENTS = ("none", "flip_shift")  # train.augment
+AUGMENTS = ("none", "flip_shift")  # pipeline.training_batches
 PRECISIONS = ("auto", "float32", "bfloat16")  # backend.choose_precision
 TASKS = ("train", "lr_find")  # what a job does: train.train or lr_find.lr_find (cli.py)
 GROUPS = ("data", "model", "optimizer", "trainer", "tracking", "lr_find")  # groups whose options are plain YAML schemas
@@ -47,9 +45,17 @@ def _sizes(value: Any) -> bool:
     return isinstance(value, list) and len(value) > 0 and all(_whole(v) and v >= 1 for v in value)
 
 
+@functools.cache
+def shipped_names(group: str) -> list[str]:
+    """The `name` of every option of conf/<group> as shipped: the keys of models.BUILDERS or
+    optimizers.OPTIMIZERS, read from the YAML so that checking them needs no Keras."""
+    folder = resources.files("fashion_sweep.conf").joinpath(group)
+    return sorted({str(OmegaConf.load(str(path)).name) for path in folder.iterdir() if path.name.endswith(".yaml")})
+
+
 # (key, rule, what is allowed); a key that the chosen option does not have is not checked.
 RULES: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("model.name", lambda v: v in MODELS, f"one of {sorted(MODELS)}"),
+    ("model.name", lambda v: v in shipped_names("model"), f"one of {shipped_names('model')}"),
     ("model.filters", _sizes, "a non-empty list of whole numbers >= 1"),
     ("model.hidden_units", _sizes, "a non-empty list of whole numbers >= 1"),
     ("model.dense_units", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
@@ -57,7 +63,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("model.conv_dropout", _rate, "a rate in [0, 1)"),
     ("model.dense_dropout", _rate, "a rate in [0, 1)"),
     ("model.dropout", _rate, "a rate in [0, 1)"),
-    ("optimizer.name", lambda v: v in OPTIMIZERS, f"one of {sorted(OPTIMIZERS)}"),
+    ("optimizer.name", lambda v: v in shipped_names("optimizer"), f"one of {shipped_names('optimizer')}"),
     ("optimizer.lr", lambda v: _number(v) and v > 0, "a number > 0"),
     ("optimizer.rho", _rate, "a number in [0, 1)"),
     ("optimizer.beta_1", _rate, "a number in [0, 1)"),
@@ -125,14 +131,14 @@ def check_keys(cfg: DictConfig, choices: Mapping[str, Any]) -> None:
                 raise ConfigError(f"{name} is not a key of {where} (its keys: {', '.join(keys)}){hint}")
 
 
-def leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) of every leaf; list items as key[i]."""
+def leaves(node: Any, prefix: str = "", split_lists: bool = True) -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a plain container; list items as key[i], or whole lists as one leaf."""
     if isinstance(node, dict):
         for key, value in node.items():
-            yield from leaves(value, f"{prefix}{key}.")
-    elif isinstance(node, list):
+            yield from leaves(value, f"{prefix}{key}.", split_lists)
+    elif isinstance(node, list) and split_lists:
         for i, value in enumerate(node):
-            yield from leaves(value, f"{prefix.rstrip('.')}[{i}].")
+            yield from leaves(value, f"{prefix.rstrip('.')}[{i}].", split_lists)
     else:
         yield prefix.rstrip("."), node
 

@@ -17,6 +17,7 @@ import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -226,3 +227,10 @@ def load_split(folder: Path, val_fraction: float, train_size: int | None, seed: 
     (making it costs ~0.3 s per job on all the data)."""
     dataset = load(folder)
     return split(dataset, val_fraction, train_size, seed), dataset
+
+
+def split_for(cfg: Any) -> tuple[Split, FashionMNIST]:
+    """The split a run's config asks for (conf/data and trainer.seed): located and verified once per process,
+    decoded once, split once per setting."""
+    folder = locate_once(cfg.data.dir, cfg.data.system_dir, cfg.data.cache_dir, cfg.data.url)
+    return load_split(folder, cfg.data.val_fraction, cfg.data.train_size, cfg.trainer.seed)

@@ -1,8 +1,9 @@
 """Successive halving over a sweep's jobs: the epochs of each rung, which jobs go on, and the rungs' launches.
 
 Owns the rung schedule and the promotion rule; training is train.py's (a job trains up to its rung's epoch,
-ends SCHEDULED, and later continues from its checkpoint). Hydra's plugin class is a thin shell in
-hydra_plugins/fashion_sweep_halving. Imports no TensorFlow: Hydra loads this module to build its plugin list.
+ends SCHEDULED, and later continues from its checkpoint); what the parent run records is parent.py's. Hydra's
+plugin class is a thin shell in hydra_plugins/fashion_sweep_halving. Imports no TensorFlow: Hydra loads this
+module to build its plugin list.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.plugins.launcher import Launcher
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from fashion_sweep import progress
+from fashion_sweep import hydra_internals, parent, progress, runs
 
 log = logging.getLogger(__name__)
-
-STOP_EPOCH_ENV = "FASHION_SWEEP_STOP_EPOCH"  # a job trains up to this epoch, then waits (set per rung via env_set)
 
 
 def rungs(epochs: int, min_epochs: int, eta: int) -> list[int]:
@@ -48,11 +48,8 @@ def survivors(results: Sequence[float], eta: int) -> list[int]:
 def expand(params: dict[str, Any] | None, arguments: Sequence[str]) -> list[list[str]]:
     """Every job's overrides, as Hydra's basic sweeper expands them: hydra.sweeper.params first, then the
     command line, key by key (a key given on the command line replaces the preset's list)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # its expansion, so both sweepers agree
-
     lines = [*(f"{key}={value}" for key, value in (params or {}).items()), *arguments]
-    parsed = OverridesParser.create().parse_overrides(lines)
-    return [list(job) for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None) for job in batch]
+    return hydra_internals.basic_sweeper_jobs(OverridesParser.create().parse_overrides(lines))
 
 
 def check_plan(jobs: list[list[str]], eta: int, min_epochs: int, epochs: int) -> None:
@@ -89,7 +86,9 @@ def sweep(launcher: Launcher, config: DictConfig, params: dict | None, arguments
     sweep_dir = Path(str(config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(config, sweep_dir / "multirun.yaml")  # as the basic sweeper does
-    parent = ParentRun(str(config.tracking.uri), schedule)
+    client, parent_run_id = MlflowClient(str(config.tracking.uri)), os.environ.get(runs.PARENT_RUN_ENV)
+    if parent_run_id:
+        parent.record_rungs(client, parent_run_id, schedule)
 
     active, before, done, job_idx, returns, started = list(range(len(jobs))), 0, 0, 0, [], time.time()
     for rung in itertools.count(1):
@@ -97,51 +96,18 @@ def sweep(launcher: Launcher, config: DictConfig, params: dict | None, arguments
         stop = remaining[0][2]
         stage = f"rung {rung}/{rung - 1 + len(remaining)}"
         total = done + sum(n * (to - start) for n, start, to in remaining)
-        parent.plan(progress.Plan(started, total, done, job_idx, [(before, stop)] * len(active), stage))
+        if parent_run_id:
+            plan = progress.Plan(started, total, done, job_idx, [(before, stop)] * len(active), stage)
+            parent.record_plan(client, parent_run_id, plan)
         log.info("Halving %s: %d jobs from epoch %d up to epoch %d", stage, len(active), before, stop)
-        batch = [[*jobs[i], f"++hydra.job.env_set.{STOP_EPOCH_ENV}={stop}"] for i in active]
+        batch = [[*jobs[i], f"++hydra.job.env_set.{runs.STOP_EPOCH_ENV}={stop}"] for i in active]
         results = launcher.launch(batch, initial_job_idx=job_idx)  # a running index: job folders are not reused
         job_idx, done = job_idx + len(batch), done + len(batch) * (stop - before)
         returns.append(results)
         values = [float(result.return_value) for result in results]  # re-raises a failed job's error
         keep = [] if stop == epochs else survivors(values, eta)
-        if stop < epochs:
-            parent.prune([jobs[active[i]] for i in range(len(active)) if i not in keep], stop)
+        if stop < epochs and parent_run_id:
+            parent.prune(client, parent_run_id, [jobs[active[i]] for i in range(len(active)) if i not in keep], stop)
         active, before = [active[i] for i in keep], stop
         if not active:
             return returns
-
-
-class ParentRun:
-    """What a halving sweep records on its parent run (found through tracking.PARENT_RUN_ENV): the rungs, the
-    progress plan of each rung, and the pruned children."""
-
-    def __init__(self, tracking_uri: str, schedule: list[int]) -> None:
-        from mlflow.tracking import MlflowClient
-
-        from fashion_sweep import tracking  # TensorFlow: only once a sweep runs
-
-        self.tracking = tracking
-        self.run_id = os.environ.get(tracking.PARENT_RUN_ENV)
-        self.client = MlflowClient(tracking_uri)
-        if self.run_id:
-            self.client.set_tag(self.run_id, "halving_rungs", ",".join(map(str, schedule)))
-
-    def plan(self, plan: progress.Plan) -> None:
-        if self.run_id:
-            self.client.set_tag(self.run_id, progress.PLAN_TAG, plan.to_json())
-
-    def prune(self, jobs: list[list[str]], epoch: int) -> None:
-        if not self.run_id:
-            return
-        experiment_id = self.client.get_run(self.run_id).info.experiment_id
-        for overrides in jobs:
-            key = self.tracking.job_key(overrides)
-            run = self.tracking.job_run(self.client, experiment_id, self.run_id, key)
-            if run is None:
-                continue
-            self.client.set_tag(run.info.run_id, "pruned", "true")
-            self.client.set_tag(run.info.run_id, "pruned_at_epoch", str(epoch))
-            if run.info.status == "SCHEDULED":
-                self.client.set_terminated(run.info.run_id, "FINISHED")
-            log.info("Pruned at epoch %d: %s", epoch, " ".join(overrides))

@@ -20,7 +20,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from fashion_sweep import backend, data, plots, tracking, train
+from fashion_sweep import backend, continuation, data, pipeline, plots, runs, tracking
 from fashion_sweep.models import build_model
 from fashion_sweep.optimizers import build_optimizer
 
@@ -116,7 +116,7 @@ def run_name(cfg: DictConfig) -> str:
 
 def keras_step(cfg: DictConfig, split: data.Split, precision: str) -> Callable[[float], float]:
     """A fresh model and optimizer as cfg says, in that precision, and a function that trains it on the next batch
-    of the training split (shuffled as train.py shuffles) at a given learning rate and returns that batch's loss."""
+    of the training split (shuffled as a training run's) at a given learning rate and returns that batch's loss."""
     keras.backend.clear_session()
     keras.utils.set_random_seed(cfg.trainer.seed)
     backend.set_precision(precision)  # as the sweep it suggests will train
@@ -124,7 +124,7 @@ def keras_step(cfg: DictConfig, split: data.Split, precision: str) -> Callable[[
     model.compile(optimizer=build_optimizer(cfg.optimizer), loss="sparse_categorical_crossentropy")
     batch_size, steps = cfg.trainer.batch_size, cfg.lr_find.steps
     epochs = math.ceil(steps / math.ceil(len(split.y_train) / batch_size))  # as many passes as the steps need
-    batches = iter(train.training_batches(split.x_train, split.y_train, batch_size, cfg.trainer.seed, 0, epochs))
+    batches = iter(pipeline.training_batches(split.x_train, split.y_train, batch_size, cfg.trainer.seed, 0, epochs))
 
     def step(lr: float) -> float:
         images, labels = next(batches)
@@ -150,15 +150,16 @@ def log_trace(run_id: str, trace: Trace) -> None:
 def lr_find(cfg: DictConfig) -> float:
     """The LR range test cfg.lr_find describes, in one MLflow run tagged task=lr_find; prints the suggestion and a
     sweep command around it, and returns the suggested learning rate."""
-    experiment_id = tracking.connect(cfg.tracking)
+    experiment_id = runs.connect(cfg.tracking)
     lrs = schedule(cfg.lr_find.start_lr, cfg.lr_find.end_lr, cfg.lr_find.steps)
-    overrides = train.task_overrides()
-    with tracking.run(experiment_id, run_name(cfg), {**train.run_tags(cfg), "task": "lr_find"}) as run_id:
-        tracking.log_config(cfg, overrides)
-        split, dataset = train.load_split(cfg)
+    job = continuation.job_context(cfg.trainer.epochs)  # only its overrides and launch: a range test is not continued
+    tags = {**tracking.run_tags(job), runs.TASK_TAG: "lr_find"}
+    with runs.run(experiment_id, run_name(cfg), tags, parent_run_id=None) as run_id:
+        tracking.log_config(cfg, job.overrides)
+        split, dataset = data.split_for(cfg)
         tracking.log_data_source(dataset.source, data.SHA256)
         mlflow.log_params({"n_train": len(split.y_train)})
-        precision, why = train.run_precision(cfg.trainer.precision, None)
+        precision, why = backend.precision_here(cfg.trainer.precision)
         mlflow.set_tags({"precision": precision, "precision_reason": why})
         train_step = keras_step(cfg, split, precision)
         started = time.perf_counter()
@@ -167,7 +168,7 @@ def lr_find(cfg: DictConfig) -> float:
         if len(trace.lrs) < 2:
             raise ValueError(f"the LR range test stopped at once: {trace.stopped}; lower lr_find.start_lr")
         min_loss_lr, suggested_lr = suggestion(trace.lrs, trace.smoothed)
-        command = sweep_command(around(suggested_lr), overrides)
+        command = sweep_command(around(suggested_lr), job.overrides)
         log_trace(run_id, trace)
         mlflow.log_metrics({"suggested_lr": suggested_lr, "min_loss_lr": min_loss_lr, "lr_find_seconds": seconds})
         mlflow.set_tags({"lr_find_stopped": trace.stopped, "sweep_command": command})

@@ -15,6 +15,7 @@ import tensorflow as tf
 from keras import layers
 from omegaconf import DictConfig, OmegaConf
 
+from fashion_sweep import tf_internals
 from fashion_sweep.data import IMAGE_SHAPE, NUM_CLASSES
 
 
@@ -47,9 +48,8 @@ class FusedBatchNormalization(layers.BatchNormalization):
         shape = tf.shape(inputs)
         x = tf.reshape(inputs, [-1, 1, 1, shape[-1]]) if rank == 2 else inputs  # the kernel wants NHWC
         mean, variance = tf.convert_to_tensor(self.moving_mean), tf.convert_to_tensor(self.moving_variance)
-        y, batch_mean, batch_variance = tf.compat.v1.nn.fused_batch_norm(
-            x, self.gamma, self.beta, None if training else mean, None if training else variance,
-            epsilon=self.epsilon, is_training=training,
+        y, batch_mean, batch_variance = tf_internals.fused_batch_norm(
+            x, self.gamma, self.beta, None if training else mean, None if training else variance, self.epsilon, training
         )  # fmt: skip
         if training:  # the kernel's variance has Bessel's correction, Keras' moving statistics have none
             count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), batch_variance.dtype)

@@ -3,7 +3,7 @@ run or sweep where it stopped.
 
 Owns choosing what to continue and whether that is safe. The continuing itself is the ordinary launch
 (cli.py) with the overrides the run or sweep recorded when it started: each job then finds its own run
-(tracking.job_run) and goes on from its checkpoint, so every launcher works.
+(continuation.existing_run) and goes on from its checkpoint, so every launcher works.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fashion_sweep import backend, compare
+from fashion_sweep import runs, store
 
 OVERRIDE = re.compile(r"^[+~]{0,2}[\w./@-]+=")  # key=value as Hydra reads it; a run name has spaces before "="
 PROG = "fashion-sweep-resume"
@@ -39,64 +39,50 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
     return (targets[0] if targets else None), overrides
 
 
-def sweep_of(client: MlflowClient, run: Run) -> Run:
-    """A sweep's job stands for its sweep: resuming it resumes the whole multirun."""
-    parent_id = run.data.tags.get("mlflow.parentRunId")
-    return client.get_run(parent_id) if parent_id else run
-
-
 def find_target(client: MlflowClient, target: str | None) -> Run | None:
     """The run or sweep named by target (run id, sweep id or run name); with None, the newest that did not finish.
     A name many runs share (every default run is 'seed_cnn rmsprop lr=0.001') means the newest of them that did not
     finish, else the newest."""
-    from fashion_sweep import tracking
-
     experiments = [e.experiment_id for e in client.search_experiments()]
     if target is None:
         unfinished = client.search_runs(experiments, "attributes.status != 'FINISHED'", order_by=["start_time DESC"])
         for run in unfinished:
-            candidate = sweep_of(client, run)
-            if not tracking.is_done(candidate) and candidate.data.tags.get("task") != "lr_find":
+            candidate = runs.sweep_of(client, run)
+            if not runs.is_done(candidate) and candidate.data.tags.get(runs.TASK_TAG) != "lr_find":
                 return candidate
         return None
     try:
-        return sweep_of(client, client.get_run(target))
+        return runs.sweep_of(client, client.get_run(target))
     except MlflowException:
         pass
     named = client.search_runs(experiments, f"attributes.run_name = '{target}'", order_by=["start_time DESC"])
     if not named:
         raise LookupError(f"no run or sweep {target!r} in the store")
-    candidates = [sweep_of(client, run) for run in named]
-    return next((run for run in candidates if not tracking.is_done(run)), candidates[0])
+    candidates = [runs.sweep_of(client, run) for run in named]
+    return next((run for run in candidates if not runs.is_done(run)), candidates[0])
 
 
 def still_alive(client: MlflowClient, run: Run) -> str | None:
     """Why run (or, for a sweep, its parent or one of its jobs) may still be running elsewhere."""
-    from fashion_sweep import tracking
-
-    runs = [run, *compare.child_runs(client, run)] if is_sweep(run) else [run]
-    reasons = (tracking.still_alive(client, r) for r in runs)
+    children = runs.child_runs(client, run.info.experiment_id, run.info.run_id) if runs.is_sweep(run) else []
+    reasons = (runs.still_alive(client, r) for r in [run, *children])
     return next((reason for reason in reasons if reason), None)
-
-
-def is_sweep(run: Run) -> bool:
-    return run.data.tags.get("sweep_role") == "parent"
 
 
 def launch_argv(run: Run, extra: list[str]) -> tuple[list[str], Path]:
     """The `fashion-sweep` arguments that launched run, with extra Hydra overrides, and the directory to run in."""
-    if "launch" not in run.data.tags:
+    if runs.LAUNCH_TAG not in run.data.tags:
         raise SystemExit(f"{PROG}: run {run.info.run_id} records no launch (written by an older fashion-sweep)")
-    record = json.loads(run.data.tags["launch"])
+    record = json.loads(run.data.tags[runs.LAUNCH_TAG])
 
     def key(override: str) -> str:
         return override.lstrip("+~").split("=", 1)[0]
 
-    if is_sweep(run) and record.get("sweep_dir") and "hydra.sweep.dir" not in map(key, extra):
+    if runs.is_sweep(run) and record.get("sweep_dir") and "hydra.sweep.dir" not in map(key, extra):
         extra = [*extra, f"hydra.sweep.dir={record['sweep_dir']}"]  # the same folder: the report lands where it was
     replaced = {key(o) for o in extra}
     kept = [o for o in record["hydra_overrides"] if key(o) not in replaced]
-    flags = ["--multirun"] if is_sweep(run) else []
+    flags = ["--multirun"] if runs.is_sweep(run) else []
     cwd = Path(record["cwd"])
     return [*flags, *record["overrides"], *kept, *extra], cwd if cwd.is_dir() else Path.cwd()
 
@@ -116,11 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     target, extra = split_args(args.args)
 
-    uri = args.tracking_uri or compare.default_tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        sys.exit(f"{PROG}: no MLflow store at {uri}; pass --tracking-uri")
-    backend.import_tensorflow()
-    from fashion_sweep import cli, tracking
+    uri = args.tracking_uri or store.default_tracking_uri()
+    if missing := store.missing_local_store(uri):
+        sys.exit(f"{PROG}: {missing}; pass --tracking-uri")
 
     client = MlflowClient(uri)
     try:
@@ -130,10 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     if run is None:
         print(f"{PROG}: nothing to resume: every run and sweep in {uri} finished")
         return
-    if run.data.tags.get("task") == "lr_find":
+    if run.data.tags.get(runs.TASK_TAG) == "lr_find":
         sys.exit(f"{PROG}: an LR range test is not resumed; run it again")
-    what = f"{'sweep' if is_sweep(run) else 'run'} {run.info.run_name!r} ({run.info.run_id})"
-    if tracking.is_done(run):
+    what = f"{'sweep' if runs.is_sweep(run) else 'run'} {run.info.run_name!r} ({run.info.run_id})"
+    if runs.is_done(run):
         print(f"{PROG}: nothing to resume: {what} is {run.info.status}")
         return
     if not args.force and (reason := still_alive(client, run)):
@@ -141,9 +125,11 @@ def main(argv: list[str] | None = None) -> None:
 
     launch, cwd = launch_argv(run, extra)
     print(f"{PROG}: continuing {what} in {cwd}", flush=True)
-    os.environ[tracking.RESUME_RUN_ENV] = run.info.run_id
+    os.environ[runs.RESUME_SWEEP_ENV if runs.is_sweep(run) else runs.RESUME_RUN_ENV] = run.info.run_id
     os.chdir(cwd)
     sys.argv = ["fashion-sweep", *launch]
+    from fashion_sweep import cli  # Hydra's app: only once there is something to resume
+
     cli.main()
 
 

@@ -13,11 +13,9 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+from fashion_sweep import store
+
 PROG = "fashion-sweep-server"
-
-
-def default_backend_uri() -> str:
-    return f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"  # the project's store, as conf/tracking/local.yaml
 
 
 def default_artifacts() -> str:
@@ -77,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="server worker processes (default: 2)")
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
-    args.backend_store_uri = args.backend_store_uri or default_backend_uri()
+    args.backend_store_uri = args.backend_store_uri or store.default_tracking_uri()
     args.artifacts_destination = args.artifacts_destination or default_artifacts()
     check_backend(args.backend_store_uri)
     check_artifacts(args.artifacts_destination)

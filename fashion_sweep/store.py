@@ -1,8 +1,8 @@
 """Checks a tracking store before anything runs: a scheme MLflow can use, folders it can write, a server that
 answers, an experiment whose artifacts every machine reaches.
 
-Owns those checks and nothing else; it creates nothing and imports neither MLflow nor TensorFlow, so that a bad
-store is refused in the second or two a Hydra app takes to start. Writing to the store is tracking.py's.
+Owns those checks and the default store's address; it creates nothing and imports neither MLflow nor TensorFlow,
+so that a bad store is refused in the second or two a Hydra app takes to start. Runs in the store are runs.py's.
 """
 
 from __future__ import annotations
@@ -17,6 +17,19 @@ from urllib.parse import urlparse
 
 STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
 SERVER_CHECK_SECONDS = 10  # one bounded request to an MLflow server before any run (MLflow's own retries take minutes)
+
+
+def default_tracking_uri() -> str:
+    """The project's local store, as conf/tracking/local.yaml names it: ./mlruns/mlflow.db."""
+    return f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
+
+
+def missing_local_store(uri: str) -> str | None:
+    """For the commands that read a store (compare, resume, ui): "no MLflow store at URI" when uri names a SQLite
+    file that does not exist (opening it would create an empty store), else None."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return f"no MLflow store at {uri}"
+    return None
 
 
 class StoreError(Exception):

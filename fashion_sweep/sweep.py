@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from fashion_sweep import backend, compare, data, halving, progress
+from fashion_sweep import backend, compare, data, halving, parent, progress, runs
 from fashion_sweep.config import check_builds, check_data_and_store, validate
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def check_jobs(config: DictConfig) -> list[int]:
         except Exception as err:
             raise refusal(overrides, shared, err) from None
         composed.append((overrides, job))
-    backend.import_tensorflow()  # before the builds and tracking.py import it, so that its start-up noise is filtered
+    backend.import_tensorflow()  # before the builds import it, so that its start-up noise is filtered
     for overrides, job in composed:  # then each job's model and optimizer are built once (TensorFlow)
         try:
             check_builds(job)
@@ -92,7 +92,7 @@ class MlflowSweep(Callback):
     """Hydra callback: opens the parent run before any job (or reopens it, when fashion-sweep-resume continues a
     sweep) and ends it, with the report, after the last.
 
-    Jobs find the parent through the environment variable tracking.PARENT_RUN_ENV, set for each by its own
+    Jobs find the parent through the environment variable runs.PARENT_RUN_ENV, set for each by its own
     config (hydra.job.env_set), so that joblib's and Ray's workers get it too. In hydra-core 1.3.8 a failed job
     makes the sweeper re-raise and on_multirun_end is never called, so the parent is also closed at interpreter
     exit: KILLED if Ctrl-C or SIGTERM stopped the sweep.
@@ -120,42 +120,28 @@ class MlflowSweep(Callback):
         raise KeyboardInterrupt
 
     def open_parent(self, config: DictConfig, plan: progress.Plan) -> None:
-        from fashion_sweep import tracking  # imports TensorFlow: only once a sweep really starts
-
         # Create the store and experiment once, here: joblib workers meeting a new SQLite store race on its tables.
-        experiment_id = tracking.connect(config.tracking)
+        experiment_id = runs.connect(config.tracking)
         self.uri = str(config.tracking.uri)
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
         self.report_dir = sweep_dir / "report"
         client = MlflowClient(self.uri)
-        resumed = os.environ.pop(tracking.RESUME_RUN_ENV, None)
-        if resumed:
-            client.update_run(resumed, status="RUNNING")
+        overrides = config.hydra.overrides
+        if resumed := os.environ.pop(runs.RESUME_SWEEP_ENV, None):
+            parent.reopen(client, resumed)
             self.parent_run_id = resumed
         else:
             name = f"{config.sweep_name} {datetime.now():%Y-%m-%d %H:%M:%S}"
-            run = client.create_run(experiment_id, run_name=name, tags={"sweep_role": "parent"})
-            self.parent_run_id = run.info.run_id
+            sweep = {"overrides": list(overrides.task), "sweeper_params": config.hydra.sweeper.get("params") or {}}
+            self.parent_run_id = parent.open_new(client, experiment_id, name, OmegaConf.to_yaml(sweep))
         atexit.register(self.finish, completed=False)
-        overrides = config.hydra.overrides
-        launch = tracking.launch_record(
-            config.hydra.runtime.cwd, overrides.task, overrides.hydra, sweep_dir=str(sweep_dir)
-        )
-        # `progress` exists before any job runs, so jobs only update it: two jobs creating it at once (joblib)
-        # made one of them fail on SQLite's unique (key, run) constraint (mlflow 3.17).
-        tags = {"sweep_id": self.parent_run_id, "launch": launch, progress.PLAN_TAG: plan.to_json(),
-                progress.PROGRESS_TAG: "starting"}  # fmt: skip
-        for key, value in {**tags, **tracking.process_tags()}.items():
-            client.set_tag(self.parent_run_id, key, value)
-        if not resumed:
-            params = config.hydra.sweeper.get("params")
-            sweep = {"overrides": list(overrides.task), "sweeper_params": params or {}}
-            client.log_text(self.parent_run_id, OmegaConf.to_yaml(sweep), "sweep.yaml")
-        os.environ[tracking.PARENT_RUN_ENV] = self.parent_run_id  # for this process (the halving sweeper)
+        launch = runs.launch_record(config.hydra.runtime.cwd, overrides.task, overrides.hydra, sweep_dir=str(sweep_dir))
+        parent.record_start(client, self.parent_run_id, launch, plan)
+        os.environ[runs.PARENT_RUN_ENV] = self.parent_run_id  # for this process (the halving sweeper)
         # Every job gets it through its own config, whichever launcher runs it: load_sweep_config composes each
         # job from these Hydra overrides (hydra-core 1.3.8), and Ray's workers do not inherit this environment.
         with read_write(config.hydra), open_dict(config.hydra):
-            config.hydra.overrides.hydra.append(f"++hydra.job.env_set.{tracking.PARENT_RUN_ENV}={self.parent_run_id}")
+            config.hydra.overrides.hydra.append(f"++hydra.job.env_set.{runs.PARENT_RUN_ENV}={self.parent_run_id}")
         verb = "continues" if resumed else "is"
         log.info("Sweep %s parent MLflow run %s", verb, self.parent_run_id)
 
@@ -168,13 +154,11 @@ class MlflowSweep(Callback):
 
         Returns False if the report could not be written (the parent then ends FAILED).
         """
-        from fashion_sweep import tracking
-
         if self.parent_run_id is None:
             return True
         run_id, self.parent_run_id = self.parent_run_id, None
         atexit.unregister(self.finish)
-        os.environ.pop(tracking.PARENT_RUN_ENV, None)
+        os.environ.pop(runs.PARENT_RUN_ENV, None)
         client = MlflowClient(self.uri)
         status = "FAILED"
         try:
@@ -186,25 +170,14 @@ class MlflowSweep(Callback):
             print(f"fashion-sweep: the sweep's report could not be written: {err}", file=sys.stderr)
             return False
         finally:
-            elapsed = time.time() - client.get_run(run_id).info.start_time / 1000
-            client.set_tag(run_id, progress.PROGRESS_TAG, f"{status.lower()} after {progress.minutes(elapsed)}")
-            client.set_terminated(run_id, status)
+            parent.finish(client, run_id, status, time.time() - client.get_run(run_id).info.start_time / 1000)
         return True
 
     def report(self, client: MlflowClient, run_id: str) -> compare.Report:
         """End jobs whose process died, write the report, log it to the parent run and print it."""
-        for child in compare.child_runs(client, client.get_run(run_id)):
-            if child.info.status == "RUNNING":
-                client.set_terminated(child.info.run_id, "KILLED")
+        parent.end_orphans(client, run_id)
         report = compare.write_report(client, client.get_run(run_id), self.report_dir)
-        for path in report.files:
-            client.log_artifact(run_id, str(path))
-        if report.best is not None:
-            if "best_lr" not in client.get_run(run_id).data.params:  # a param is written once; a resume may differ
-                client.log_param(run_id, "best_lr", report.best[compare.LR])
-            client.log_metric(run_id, "best_lr", float(report.best[compare.LR]))
-            client.log_metric(run_id, "best_val_loss", report.best["best_val_loss"])
-            client.log_metric(run_id, "best_test_accuracy", report.best["test_accuracy"])
+        parent.record_report(client, run_id, report.files, report.best, compare.LR)
         print(compare.markdown(report.table, report.terminal_columns))
         print(f"{report.best_is}.\nReport: {self.report_dir}  (also on MLflow run {run_id})")
         if self.uri.startswith(("http://", "https://")):  # the server is the UI

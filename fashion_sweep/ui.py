@@ -8,9 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-from fashion_sweep.compare import default_tracking_uri
+from fashion_sweep import store
 
 
 def ui_command(tracking_uri: str, port: int) -> list[str]:
@@ -34,9 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: ./mlruns/mlflow.db)")
     args = parser.parse_args(argv)
-    uri = args.tracking_uri or default_tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        sys.exit(f"fashion-sweep-ui: no MLflow store at {uri}; run `fashion-sweep` first or pass --tracking-uri")
+    uri = args.tracking_uri or store.default_tracking_uri()
+    if missing := store.missing_local_store(uri):
+        sys.exit(f"fashion-sweep-ui: {missing}; run `fashion-sweep` first or pass --tracking-uri")
     print(f"MLflow UI: http://127.0.0.1:{args.port}  (store {uri}; Ctrl-C stops it)", flush=True)
     command = ui_command(uri, args.port)
     os.execv(command[0], command)  # the UI replaces this process, so Ctrl-C and SIGTERM reach it directly

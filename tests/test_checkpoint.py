@@ -12,8 +12,8 @@ import pytest
 
 from fashion_sweep import checkpoint, data
 from fashion_sweep.models import seed_cnn
+from fashion_sweep.pipeline import training_batches
 from fashion_sweep.resume import split_args
-from fashion_sweep.train import training_batches
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def images(fashion_dir: Path) -> data.Split:
 
 
 def trained_model(images: data.Split) -> keras.Model:
-    keras.backend.clear_session()  # as train.py does: variable paths (the checkpoint's keys) restart from zero
+    keras.backend.clear_session()  # as a training run does: variable paths (the checkpoint's keys) restart from zero
     keras.utils.set_random_seed(1)
     model = seed_cnn([8], 0.25, 16, 0.3)
     model.compile(optimizer=keras.optimizers.RMSprop(0.001), loss="sparse_categorical_crossentropy")

@@ -15,7 +15,6 @@ from fashion_sweep.compare import (
     LR,
     SEED,
     best_setting,
-    find_parent,
     halving_rungs,
     lowest,
     lr_series,
@@ -28,6 +27,7 @@ from fashion_sweep.compare import (
     summary,
     write_report,
 )
+from fashion_sweep.runs import find_parent
 from tests.conftest import QUICK, all_runs, fashion_sweep, store_uri
 
 NAN = math.nan

@@ -14,9 +14,10 @@ from omegaconf import OmegaConf
 
 from fashion_sweep import data
 from fashion_sweep.backend import choose_precision, cpu_flags, cpu_vendor, set_precision
+from fashion_sweep.continuation import run_precision
 from fashion_sweep.models import build_model
 from fashion_sweep.optimizers import learning_rate
-from fashion_sweep.train import run_precision, training_batches, training_loss
+from fashion_sweep.pipeline import training_batches, training_loss
 from tests.conftest import all_runs, fashion_sweep, store_uri
 
 

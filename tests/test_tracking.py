@@ -21,14 +21,14 @@ from fashion_sweep import backend
 backend.import_tensorflow()
 import keras, mlflow, numpy as np, tensorflow as tf
 from mlflow.utils import requirements_utils
-from fashion_sweep import tracking
+from fashion_sweep import mlflow_internals, tracking
 model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
 x = np.zeros((2, 4), np.float32)
 mlflow.set_tracking_uri(sys.argv[1])
 with mlflow.start_run() as run:
     tracking.log_model(model, x, model.predict_on_batch(x))
 scanned = requirements_utils._MODULES_TO_PACKAGES is not None
-with tracking.requirements_checked_by_name():
+with mlflow_internals.requirements_checked_by_name():
     mismatch = requirements_utils._check_requirement_satisfied("tensorflow==0.0.1")
 (logged,) = mlflow.MlflowClient().search_logged_models([run.info.experiment_id])
 print(scanned, str(mismatch.installed_version) == tf.__version__)
@@ -82,5 +82,5 @@ def test_a_model_is_logged_without_mlflows_package_scan_and_its_requirements_sti
     assert [r.split("==")[0] for r in requirements.split()] == ["mlflow", "tensorflow", "keras"]
     assert all("==" in r for r in requirements.split())
     # mlflow 3.17 maps every installed package's modules before it checks a requirement: once this turns False,
-    # tracking.requirements_checked_by_name can go.
+    # mlflow_internals.requirements_checked_by_name can go.
     assert mlflow_scans == "True"

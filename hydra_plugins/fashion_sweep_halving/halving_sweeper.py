@@ -13,8 +13,6 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from fashion_sweep import halving
-
 
 class HalvingSweeper(Sweeper):
     """Successive halving over the jobs the basic sweeper would run, each rung through the configured launcher."""
@@ -33,5 +31,8 @@ class HalvingSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> Any:
+        from fashion_sweep import halving  # MLflow's import, only once a halving sweep runs: Hydra imports this
+        # module to list its plugins on every start, `--help` included
+
         assert self.config is not None
         return halving.sweep(self.launcher, self.config, self.params, arguments, self.eta, self.min_epochs)

@@ -1,0 +1,100 @@
+"""A sweep's parent run: every write to it, from its opening to its report and its end.
+
+Owns what the parent records (docs/records.md): its launch record, the plan and progress line, a halving sweep's
+rungs and pruned children, the report's files and best values, its final status. The sweep callback (sweep.py),
+the halving sweeper (halving.py) and each job's progress callback write through it. Imports no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from fashion_sweep import progress, runs
+
+log = logging.getLogger(__name__)
+
+
+def open_new(client: MlflowClient, experiment_id: str, name: str, sweep_yaml: str) -> str:
+    """A new parent run named name, with the sweep's overrides and sweeper settings as sweep.yaml; returns its id."""
+    run_id = client.create_run(experiment_id, run_name=name, tags={runs.SWEEP_ROLE_TAG: "parent"}).info.run_id
+    client.log_text(run_id, sweep_yaml, "sweep.yaml")
+    return run_id
+
+
+def reopen(client: MlflowClient, run_id: str) -> None:
+    """A sweep that fashion-sweep-resume continues runs again in its old parent run."""
+    client.update_run(run_id, status="RUNNING")
+
+
+def record_start(client: MlflowClient, run_id: str, launch: str, plan: progress.Plan) -> None:
+    """What a (re)started sweep records before its first job: how to launch it again, its plan, who runs it.
+
+    `progress` exists before any job runs, so jobs only update it: two jobs creating it at once (joblib) made one
+    of them fail on SQLite's unique (key, run) constraint (mlflow 3.17).
+    """
+    tags = {runs.SWEEP_ID_TAG: run_id, runs.LAUNCH_TAG: launch, progress.PLAN_TAG: plan.to_json(),
+            progress.PROGRESS_TAG: "starting", **runs.process_tags()}  # fmt: skip
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+def record_plan(client: MlflowClient, run_id: str, plan: progress.Plan) -> None:
+    client.set_tag(run_id, progress.PLAN_TAG, plan.to_json())
+
+
+def record_progress(client: MlflowClient, run_id: str, line: str) -> None:
+    """The progress line a job logs after each epoch, mirrored where the MLflow UI shows it; never fails the job."""
+    try:
+        client.set_tag(run_id, progress.PROGRESS_TAG, line)
+    except MlflowException as err:
+        log.warning("progress not mirrored on the sweep's parent run: %s", str(err).splitlines()[0])
+
+
+def record_rungs(client: MlflowClient, run_id: str, schedule: list[int]) -> None:
+    client.set_tag(run_id, runs.HALVING_RUNGS_TAG, ",".join(map(str, schedule)))
+
+
+def prune(client: MlflowClient, run_id: str, jobs: list[list[str]], epoch: int) -> None:
+    """Mark the runs of these jobs pruned at epoch; a run paused at the rung (SCHEDULED) ends FINISHED."""
+    experiment_id = client.get_run(run_id).info.experiment_id
+    for overrides in jobs:
+        run = runs.job_run(client, experiment_id, run_id, runs.job_key(overrides))
+        if run is None:
+            continue
+        client.set_tag(run.info.run_id, runs.PRUNED_TAG, "true")
+        client.set_tag(run.info.run_id, runs.PRUNED_AT_TAG, str(epoch))
+        if run.info.status == "SCHEDULED":
+            client.set_terminated(run.info.run_id, "FINISHED")
+        log.info("Pruned at epoch %d: %s", epoch, " ".join(overrides))
+
+
+def end_orphans(client: MlflowClient, run_id: str) -> None:
+    """Jobs still RUNNING when their sweep ends lost their process: they end KILLED (resume continues them)."""
+    parent = client.get_run(run_id)
+    for child in runs.child_runs(client, parent.info.experiment_id, run_id):
+        if child.info.status == "RUNNING":
+            client.set_terminated(child.info.run_id, "KILLED")
+
+
+def record_report(client: MlflowClient, run_id: str, files: list[Path], best: dict[str, Any] | None, lr_key: str):
+    """The report's files as artifacts, and the best setting's learning rate, val_loss and test accuracy."""
+    for path in files:
+        client.log_artifact(run_id, str(path))
+    if best is None:
+        return
+    if "best_lr" not in client.get_run(run_id).data.params:  # a param is written once; a resume may differ
+        client.log_param(run_id, "best_lr", best[lr_key])
+    client.log_metric(run_id, "best_lr", float(best[lr_key]))
+    client.log_metric(run_id, "best_val_loss", best["best_val_loss"])
+    client.log_metric(run_id, "best_test_accuracy", best["test_accuracy"])
+
+
+def finish(client: MlflowClient, run_id: str, status: str, elapsed_seconds: float) -> None:
+    """End the parent run with status, its progress line saying so."""
+    client.set_tag(run_id, progress.PROGRESS_TAG, f"{status.lower()} after {progress.minutes(elapsed_seconds)}")
+    client.set_terminated(run_id, status)
