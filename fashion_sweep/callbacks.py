@@ -50,12 +50,16 @@ class EpochRecorder(keras.callbacks.Callback):
     twins) plus lr and epoch_seconds, then a heartbeat.
 
     A resumed run starts from the newest whole checkpoint, whose history holds every epoch it covers, so each
-    epoch's metrics are logged exactly once even if the process dies between the two writes.
+    epoch's metrics are logged exactly once even if the process dies between the two writes; an epoch the store
+    already holds (the run went on from the checkpoint before a damaged one) is trained again, not logged again.
     """
 
-    def __init__(self, history: dict[str, list[float]], fit_seconds_before: float) -> None:
+    def __init__(
+        self, history: dict[str, list[float]], fit_seconds_before: float, logged: frozenset[int] = frozenset()
+    ) -> None:
         super().__init__()
         self.history = history  # every epoch so far, this fit's and those before a resume
+        self.logged = logged  # epochs the store has metrics for (a run continued from an older checkpoint)
         self.fit_seconds_before = fit_seconds_before  # seconds inside model.fit before a resume
         self.fit_seconds = fit_seconds_before  # seconds inside model.fit, all fits of the run together
 
@@ -77,7 +81,8 @@ class EpochRecorder(keras.callbacks.Callback):
         for name, value in metrics.items():
             self.history.setdefault(name, []).append(value)
         checkpoint.log_to_run(checkpoint.capture(self.model, epoch + 1, self.history, self.fit_seconds))
-        mlflow.log_metrics(metrics, step=epoch + 1)
+        if epoch + 1 not in self.logged:
+            mlflow.log_metrics(metrics, step=epoch + 1)
         if not self._named:  # once per fit: which metrics are per-epoch, for the report (runs.epoch_metrics)
             mlflow.set_tag(runs.EPOCH_METRICS_TAG, ",".join(metrics))
             self._named = True

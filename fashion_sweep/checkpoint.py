@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,9 @@ import keras
 import mlflow
 import numpy as np
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(Exception):
@@ -55,13 +60,17 @@ def save(state: Checkpoint, path: Path) -> str:
     return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
-def load(path: Path, sha256: str) -> Checkpoint:
+def load(path: Path, sha256: str | None) -> Checkpoint:
+    """The checkpoint in path, checked against sha256 if given; every array is checked by its zip CRC either way."""
     raw = path.read_bytes()
-    if hashlib.sha256(raw).hexdigest() != sha256:
+    if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
         raise CheckpointError(f"checkpoint {path.name} is damaged (SHA-256 differs from the one recorded)")
-    with np.load(io.BytesIO(raw)) as arrays:
-        meta = json.loads(str(arrays["__meta__"]))
-        variables = {name: arrays[name] for name in arrays.files if name != "__meta__"}
+    try:
+        with np.load(io.BytesIO(raw)) as arrays:
+            meta = json.loads(str(arrays["__meta__"]))
+            variables = {name: arrays[name] for name in arrays.files if name != "__meta__"}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:  # cut short or overwritten
+        raise CheckpointError(f"checkpoint {path.name} is damaged ({err})") from None
     return Checkpoint(meta["epoch"], meta["history"], meta["fit_seconds"], variables)
 
 
@@ -75,10 +84,15 @@ def restore(model: keras.Model, state: Checkpoint) -> None:
         variable.assign(state.variables[name])
 
 
+def slot(epoch: int) -> str:
+    """The artifact path of the checkpoint after epoch: two slots, written in turn."""
+    return f"checkpoint/slot-{epoch % 2}.npz"
+
+
 def log_to_run(state: Checkpoint) -> None:
-    """Write state into one of two artifact slots of the active run, then point the tag `checkpoint` at it: a
-    process killed while writing leaves the tag on the previous, whole checkpoint."""
-    path = f"checkpoint/slot-{state.epoch % 2}.npz"
+    """Write state into its slot of the active run, then point the tag `checkpoint` at it: a process killed while
+    writing leaves the tag on the previous, whole checkpoint."""
+    path = slot(state.epoch)
     with tempfile.TemporaryDirectory() as folder:
         local = Path(folder) / Path(path).name
         digest = save(state, local)
@@ -87,10 +101,35 @@ def log_to_run(state: Checkpoint) -> None:
 
 
 def load_from_run(run: Run) -> Checkpoint | None:
-    """The newest whole checkpoint of run (checked against its SHA-256), or None if it has none."""
-    tags = run.data.tags
+    """The newest whole checkpoint of run, or None if it has none: the one its tags name, checked against their
+    SHA-256, or, if that one is damaged or missing, the previous epoch's in the other slot (checked by its zip
+    CRCs and its epoch), saying so. With neither, CheckpointError says how to start the job afresh."""
+    tags, run_id = run.data.tags, run.info.run_id
     if "checkpoint" not in tags:
         return None
+    try:
+        return load_artifact(run, tags["checkpoint"], tags["checkpoint_sha256"])
+    except CheckpointError as err:
+        problem = str(err)
+    previous = int(tags["checkpoint_epoch"]) - 1
+    try:
+        state = load_artifact(run, slot(previous), None) if previous >= 1 else None
+    except CheckpointError:
+        state = None
+    if state is not None and state.epoch == previous:
+        log.warning("Run %s: %s; continuing from the previous one, after epoch %d", run_id, problem, previous)
+        return state
+    raise CheckpointError(
+        f"run {run_id} has no whole checkpoint left ({problem}); to start that job afresh, delete the run "
+        f"(MLFLOW_TRACKING_URI=<store> mlflow runs delete --run-id {run_id}) and run or resume it again"
+    )
+
+
+def load_artifact(run: Run, path: str, sha256: str | None) -> Checkpoint:
+    """The checkpoint at the run's artifact path, or CheckpointError if it is missing or damaged."""
     with tempfile.TemporaryDirectory() as folder:
-        local = mlflow.artifacts.download_artifacts(f"{run.info.artifact_uri}/{tags['checkpoint']}", dst_path=folder)
-        return load(Path(local), tags["checkpoint_sha256"])
+        try:
+            local = mlflow.artifacts.download_artifacts(f"{run.info.artifact_uri}/{path}", dst_path=folder)
+        except (MlflowException, OSError):
+            raise CheckpointError(f"checkpoint {path} is missing") from None
+        return load(Path(local), sha256)

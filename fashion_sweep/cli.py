@@ -6,51 +6,103 @@ MLflow are imported only once a job runs, so `--help` and `--cfg job` answer at 
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
 import signal
 import sys
 from types import FrameType
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import CompactHydraException
+from hydra.errors import CompactHydraException, ConfigCompositionException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 
 class JobFailed(CompactHydraException):
-    """A job crashed; Hydra prints this one line (the traceback is in the run's traceback.txt)."""
+    """A job of a --multirun crashed; Hydra prints this line (the traceback is in the run's traceback.txt)."""
 
 
 @hydra.main(version_base="1.3", config_path="pkg://fashion_sweep.conf", config_name="config")
 def app(cfg: DictConfig) -> float:
+    """Hydra's task function: one job. A single run's error ends the process with one line (SystemExit passes
+    through Hydra's job runner, which would add its own lines); a sweep's job fails as JobFailed."""
+    from fashion_sweep import config
+
+    single = HydraConfig.get().mode == RunMode.RUN  # a --multirun checked every job, its data and store first
+    try:
+        return job(cfg, single)
+    except Exception as err:
+        if isinstance(err, config.ConfigError):
+            summary = str(err)
+        else:
+            from fashion_sweep import runs
+
+            summary = runs.error_summary(err)  # the traceback is in the run's traceback.txt
+        if single:
+            raise SystemExit(f"fashion-sweep: {summary}") from None
+        raise JobFailed(summary) from None
+
+
+def job(cfg: DictConfig, single: bool) -> float:
+    """Check what a single run needs (keys, ranges, data and store before TensorFlow's ~5 s import), then train
+    or run the LR range test."""
     from fashion_sweep import backend, config, data
 
-    hydra_cfg = HydraConfig.get()
-    single = hydra_cfg.mode == RunMode.RUN  # a --multirun checked every job, its data and store before the first
-    if single:  # keys, ranges, data and store first: refused before TensorFlow's ~5 s import
-        config.validate(cfg, hydra_cfg.runtime.choices, build=False)
+    if single:
+        config.validate(cfg, HydraConfig.get().runtime.choices, build=False)
         data.start_decoding(config.check_data_and_store(cfg))  # decoded while TensorFlow is imported
     backend.import_tensorflow()
-    from fashion_sweep import runs
-
     if single:
         config.check_builds(cfg)
     elif cfg.task == "lr_find":  # a sweep job that sweep.check_jobs could not see coming (e.g. a user's preset)
         raise config.ConfigError("an LR range test is one run; drop --multirun")
-    try:
-        if cfg.task == "lr_find":
-            from fashion_sweep.lr_find import lr_find
+    if cfg.task == "lr_find":
+        from fashion_sweep.lr_find import lr_find
 
-            return lr_find(cfg)
-        from fashion_sweep.train import train
+        return lr_find(cfg)
+    from fashion_sweep.train import train
 
-        return train(cfg)
-    except Exception as err:
-        raise JobFailed(runs.error_summary(err)) from None  # the traceback is in the run's traceback.txt
+    return train(cfg)
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # SIGTERM ends the run as KILLED, like Ctrl-C
+def refusal(err: Exception, argv: list[str]) -> str:
+    """One line for what Hydra refused before any job ran: an option a group lacks, a key no config has."""
+    from fashion_sweep import config
+
+    if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
+        group, _, option = err.missing_cfg_file.rpartition("/")
+        close = difflib.get_close_matches(option, err.options, n=1)
+        hint = f"; did you mean {group}={close[0]}?" if close else ""
+        return f"{group}={option} is not an option of {group} (its options: {', '.join(err.options)}){hint}"
+    if isinstance(err, ConfigCompositionException) and (key := re.match(r"Could not override '([^']+)'", str(err))):
+        try:
+            return str(config.unknown_key(key.group(1), choices_without(key.group(1), argv)))
+        except Exception:  # the rest of the command line does not compose either: Hydra's own words
+            pass
+    return " ".join(str(err).split("\n", 1)[0].split())
+
+
+def choices_without(key: str, argv: list[str]) -> dict[str, str]:
+    """The config groups' chosen options for the command line (its first job) without the overrides of key."""
+    from hydra import compose, initialize_config_module
+
+    from fashion_sweep import halving, hydra_internals
+
+    overrides = [o for o in hydra_internals.command_line_overrides(argv) if o.lstrip("+~").split("=")[0] != key]
+    with initialize_config_module(version_base="1.3", config_module="fashion_sweep.conf"):
+        first_job = halving.expand(None, overrides)[0]
+        return dict(compose("config", overrides=first_job, return_hydra_config=True).hydra.runtime.choices)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: ends the run as KILLED, like Ctrl-C, and the process with 143 (128 + SIGTERM), as the shell's."""
+
+
+def stop_on(signum: int, frame: FrameType | None) -> None:
+    """The signal handler of a run or sweep: Ctrl-C and SIGTERM unwind it, so that every run ends KILLED."""
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def interrupted_message() -> str:
@@ -74,13 +126,20 @@ def register_plugins() -> None:
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, stop_on)
     register_plugins()
+    traceback_asked = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    # hydra-core 1.3.8 prints an error as a frame of lines unless HYDRA_FULL_ERROR=1, when it raises it to us.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         app()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print(interrupted_message(), file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if isinstance(stop, Terminated) else 130)
+    except Exception as err:
+        if traceback_asked:
+            raise
+        sys.exit(f"fashion-sweep: {refusal(err, sys.argv[1:])}")
 
 
 if __name__ == "__main__":

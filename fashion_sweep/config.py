@@ -86,7 +86,18 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.precision", lambda v: v in PRECISIONS, f"one of {list(PRECISIONS)}"),
     ("trainer.label_smoothing", _rate, "a number in [0, 1)"),
     ("trainer.verbose", lambda v: v in (0, 1, 2) and not isinstance(v, bool), "0, 1 or 2 (Keras' fit verbosity)"),
-    ("tracking.experiment", lambda v: isinstance(v, str) and v.strip() != "", "an experiment name"),
+    # MLflow 3.17's SQL stores keep 256 characters of an experiment's name and 250 of a run's (its parent is named
+    # "<sweep_name> <date time> #k"): longer names fail in the store, after it was created.
+    (
+        "tracking.experiment",
+        lambda v: isinstance(v, str) and len(v.strip()) > 0 and len(v) <= 256,
+        "an experiment name of 1 to 256 characters",
+    ),
+    (
+        "sweep_name",
+        lambda v: isinstance(v, str) and len(v.strip()) > 0 and len(v) <= 200,
+        "a name of 1 to 200 characters",
+    ),
     ("tracking.log_model", lambda v: isinstance(v, bool), "true or false"),
     ("tracking.request_retries", lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
     ("tracking.request_backoff", lambda v: _whole(v) and v >= 0, "a whole number of seconds >= 0"),
@@ -124,11 +135,22 @@ def check_keys(cfg: DictConfig, choices: Mapping[str, Any]) -> None:
         node = cfg.get(prefix) if prefix else cfg
         for key in [str(k) for k in node] if isinstance(node, DictConfig) else []:
             if key not in keys:
-                name = f"{prefix}.{key}" if prefix else str(key)
-                where = f"{prefix}={choices.get(prefix)}" if prefix else "the config"
-                close = difflib.get_close_matches(str(key), keys, n=1)
-                hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
-                raise ConfigError(f"{name} is not a key of {where} (its keys: {', '.join(keys)}){hint}")
+                raise unknown_key(f"{prefix}.{key}" if prefix else key, choices)
+
+
+def unknown_key(name: str, choices: Mapping[str, Any]) -> ConfigError:
+    """The refusal of a dotted key that the chosen option's YAML (or the root config) does not have, with the
+    closest key it has."""
+    prefix, _, key = name.rpartition(".")
+    if prefix in GROUPS and (keys := option_keys(prefix, str(choices.get(prefix)))) is not None:
+        where = f"{prefix}={choices.get(prefix)}"
+    elif not prefix:
+        keys, where = [*root_keys(), *GROUPS], "the config"
+    else:
+        return ConfigError(f"{name} is not a key of the config")
+    close = difflib.get_close_matches(key, keys, n=1)
+    hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+    return ConfigError(f"{name} is not a key of {where} (its keys: {', '.join(keys)}){hint}")
 
 
 def leaves(node: Any, prefix: str = "", split_lists: bool = True) -> Iterator[tuple[str, Any]]:

@@ -12,7 +12,6 @@ import logging
 import os
 from dataclasses import dataclass
 
-import mlflow
 from hydra.core.hydra_config import HydraConfig
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
@@ -73,22 +72,34 @@ def answered_by(client: MlflowClient, run: Run | None, job: Job, epochs: int) ->
     return runs.is_done(run) or past_rung
 
 
-def resume_point(client: MlflowClient, previous: Run) -> checkpoint.Checkpoint | None:
-    """The checkpoint to continue from; logs the epochs it holds that the store lacks (a death between the two)."""
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a reopened run goes on from."""
+
+    state: checkpoint.Checkpoint | None  # the newest whole checkpoint (None: from the start)
+    logged: frozenset[int]  # the epochs the store holds metrics for: not logged again
+
+
+def resume_point(client: MlflowClient, previous: Run) -> ResumePoint:
+    """The checkpoint to continue from, read before the run is reopened (a refusal leaves its status as it was);
+    logs the epochs the checkpoint holds that the store lacks (a death between the two writes)."""
     state = checkpoint.load_from_run(previous)
     logged = runs.logged_epochs(client, previous.info.run_id)
-    covered = state.epoch if state else 0
-    if any(step > covered for step in logged):
+    written = max(state.epoch if state else 0, int(previous.data.tags.get("checkpoint_epoch", 0)))
+    if any(step > written for step in logged):
         raise checkpoint.CheckpointError(
-            f"run {previous.info.run_id} logged epochs up to {max(logged)} but its checkpoint holds {covered}; "
+            f"run {previous.info.run_id} logged epochs up to {max(logged)} but its checkpoint holds {written}; "
             "it was written by a fashion-sweep without checkpoints and cannot be continued"
         )
-    for epoch in range(1, covered + 1):
-        if epoch not in logged and state is not None:
-            mlflow.log_metrics({name: values[epoch - 1] for name, values in state.history.items()}, step=epoch)
+    covered = state.epoch if state else 0
+    missing = [epoch for epoch in range(1, covered + 1) if epoch not in logged]
+    for epoch in missing:
+        assert state is not None
+        for name, values in state.history.items():
+            client.log_metric(previous.info.run_id, name, values[epoch - 1], step=epoch)
     if state:
         log.info("Continuing run %s from its checkpoint after epoch %d", previous.info.run_id, state.epoch)
-    return state
+    return ResumePoint(state, frozenset([*logged, *missing]))
 
 
 def run_precision(setting: str, previous: Run | None) -> tuple[str, str]:

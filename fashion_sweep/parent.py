@@ -20,10 +20,23 @@ log = logging.getLogger(__name__)
 
 
 def open_new(client: MlflowClient, experiment_id: str, name: str, sweep_yaml: str) -> str:
-    """A new parent run named name, with the sweep's overrides and sweeper settings as sweep.yaml; returns its id."""
+    """A new parent run named name (made unique in its experiment), with the sweep's overrides and sweeper
+    settings as sweep.yaml; returns its id."""
     run_id = client.create_run(experiment_id, run_name=name, tags={runs.SWEEP_ROLE_TAG: "parent"}).info.run_id
+    if (unique := unique_name(client, experiment_id, run_id, name)) != name:
+        client.update_run(run_id, name=unique)
     client.log_text(run_id, sweep_yaml, "sweep.yaml")
     return run_id
+
+
+def unique_name(client: MlflowClient, experiment_id: str, run_id: str, name: str) -> str:
+    """name, or "name #k" when k - 1 sweeps of that name were opened before this one (two sweeps started in the
+    same second). Called after the run exists, so that sweeps opened at the same moment agree on their order."""
+    query = f"tags.{runs.SWEEP_ROLE_TAG} = 'parent' and attributes.run_name = '{name}'"
+    same = client.search_runs([experiment_id], query, max_results=1000)
+    order = sorted(same, key=lambda run: (run.info.start_time, run.info.run_id))
+    position = next(i for i, run in enumerate(order) if run.info.run_id == run_id)
+    return f"{name} #{position + 1}" if position else name
 
 
 def reopen(client: MlflowClient, run_id: str) -> None:

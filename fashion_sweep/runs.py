@@ -8,6 +8,7 @@ sweep's parent run is parent.py's. docs/architecture.md lists the names below wi
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -25,6 +26,8 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
+
+from fashion_sweep import store
 
 # The environment a job reads (continuation.job_context), one meaning each.
 PARENT_RUN_ENV = "FASHION_SWEEP_PARENT_RUN_ID"  # the sweep's parent run id, set by sweep.MlflowSweep for its jobs
@@ -57,20 +60,35 @@ def connect(cfg: DictConfig) -> str:
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(cfg.request_retries)
         os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(cfg.request_backoff)
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(cfg.request_timeout)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(cfg.experiment)
-    if experiment is None:
-        location = Path(cfg.artifact_location).as_uri() if cfg.artifact_location else None
-        try:
-            return client.create_experiment(cfg.experiment, artifact_location=location)
-        except MlflowException:
-            experiment = client.get_experiment_by_name(cfg.experiment)  # a concurrent job created it first
-            if experiment is None:
-                raise
+    with first_use(uri):  # the store's tables are created (or checked) here, one process at a time
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        if experiment is None:
+            location = Path(cfg.artifact_location).as_uri() if cfg.artifact_location else None
+            try:
+                return client.create_experiment(cfg.experiment, artifact_location=location)
+            except MlflowException:
+                experiment = client.get_experiment_by_name(cfg.experiment)  # a job through a server created it first
+                if experiment is None:
+                    raise
     return experiment.experiment_id
+
+
+@contextmanager
+def first_use(uri: str) -> Iterator[None]:
+    """For a SQLite store, hold an exclusive lock on a file beside it while inside: MLflow 3.17 creates a new store
+    by running its migrations, and processes doing that at once failed or left the store half-migrated ("table
+    _alembic_tmp_tags already exists"). Inside the lock a store left half-migrated is refused with how to recover."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        store.check_not_half_migrated(path)
+        yield
 
 
 def error_summary(err: BaseException, limit: int = 300) -> str:
@@ -170,19 +188,25 @@ def legacy_job_key(run: Run) -> str:
 
 
 def find_parent(client: MlflowClient, sweep: str | None) -> Run:
-    """The parent run of a sweep, by sweep id (= parent run id) or parent run name; the latest if None."""
+    """The parent run of a sweep, by sweep id (= parent run id) or parent run name; the latest if None. A name
+    several sweeps share (stores written before names were made unique) is refused with the matches."""
     experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    matches = (
-        [f"tags.{SWEEP_ID_TAG} = '{sweep}'", f"attributes.run_name = '{sweep}'"]
-        if sweep
-        else ["attributes.run_name != ''"]
-    )
-    for match in matches:  # MLflow's search has no OR: try the id, then the name
-        query = f"tags.{SWEEP_ROLE_TAG} = 'parent' and {match}"
-        runs = client.search_runs(experiment_ids, query, order_by=["attributes.start_time DESC"], max_results=1)
-        if runs:
-            return runs[0]
-    raise LookupError(f"no sweep {sweep!r} in the store" if sweep else "no sweep in the store yet")
+    parents = f"tags.{SWEEP_ROLE_TAG} = 'parent'"
+    newest_first = ["attributes.start_time DESC"]
+    if sweep is None:
+        latest = client.search_runs(experiment_ids, parents, order_by=newest_first, max_results=1)
+        if not latest:
+            raise LookupError("no sweep in the store yet")
+        return latest[0]
+    if by_id := client.search_runs(experiment_ids, f"{parents} and tags.{SWEEP_ID_TAG} = '{sweep}'", max_results=1):
+        return by_id[0]
+    named = client.search_runs(experiment_ids, f"{parents} and attributes.run_name = '{sweep}'", order_by=newest_first)
+    if len(named) > 1:
+        matches = ", ".join(f"{run.info.run_id} ({run.info.status})" for run in named)
+        raise LookupError(f"{len(named)} sweeps are named {sweep!r}: {matches}; name one by its id")
+    if not named:
+        raise LookupError(f"no sweep {sweep!r} in the store")
+    return named[0]
 
 
 def is_sweep(run: Run) -> bool:

@@ -8,14 +8,18 @@ so that a bad store is refused in the second or two a Hydra app takes to start. 
 from __future__ import annotations
 
 import json
+import socket
+import sqlite3
 import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import closing
 from pathlib import Path
 from urllib.parse import urlparse
 
 STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}  # each server's default port
 SERVER_CHECK_SECONDS = 10  # one bounded request to an MLflow server before any run (MLflow's own retries take minutes)
 
 
@@ -42,11 +46,11 @@ def check(uri: str, artifact_location: str | None, experiment: str | None = None
     scheme = urlparse(uri).scheme.split("+")[0]
     if scheme not in STORE_SCHEMES:
         raise StoreError(
-            f"tracking.uri={uri} is not a store MLflow >= 3.13 can use: expected sqlite:///PATH, "
+            f"tracking.uri={redacted(uri)} is not a store MLflow >= 3.13 can use: expected sqlite:///PATH, "
             f"http(s)://HOST:PORT of an MLflow server, or a database URI ({', '.join(STORE_SCHEMES[3:])})"
         )
     if scheme == "sqlite":
-        writable_folder(Path(uri.removeprefix("sqlite:///")).parent, f"tracking.uri={uri}")
+        writable_folder(Path(uri.removeprefix("sqlite:///")).parent, f"tracking.uri={redacted(uri)}")
         if artifact_location:
             writable_folder(Path(artifact_location), f"tracking.artifact_location={artifact_location}")
     elif scheme in ("http", "https"):
@@ -58,6 +62,8 @@ def check(uri: str, artifact_location: str | None, experiment: str | None = None
             )
         if experiment:
             check_artifact_root(uri, experiment)
+    elif scheme in DATABASE_PORTS:
+        database_answers(uri, scheme)
 
 
 def server_get(uri: str, path: str) -> bytes:
@@ -68,10 +74,55 @@ def server_get(uri: str, path: str) -> bytes:
     except urllib.error.HTTPError as err:
         if err.code == 404:
             return b""
-        raise StoreError(f"tracking.uri={uri}: the server answered {err.code} to {path}") from None
+        raise StoreError(f"tracking.uri={redacted(uri)}: the server answered {err.code} to {path}") from None
     except (OSError, urllib.error.URLError) as err:
         reason = getattr(err, "reason", err)
-        raise StoreError(f"tracking.uri={uri}: no MLflow server answers there ({reason})") from None
+        raise StoreError(f"tracking.uri={redacted(uri)}: no MLflow server answers there ({reason})") from None
+
+
+def check_not_half_migrated(path: Path) -> None:
+    """Refuse a SQLite store whose creation or upgrade was interrupted (Alembic's temporary tables are left)."""
+    if not path.is_file():
+        return
+    try:
+        with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            left = [name for name in tables if name.startswith("_alembic_tmp_")]
+            runs = db.execute("SELECT count(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+    except sqlite3.Error as err:
+        raise StoreError(f"tracking.uri=sqlite:///{path}: not a readable SQLite store ({err})") from None
+    if left:
+        fix = (
+            f"it holds no runs: delete {path} and start again" if runs == 0
+            else f"back it up, drop {', '.join(left)} (sqlite3 {path} 'DROP TABLE {left[0]}') and run "
+            f"`mlflow db upgrade sqlite:///{path}`"
+        )  # fmt: skip
+        raise StoreError(f"tracking.uri=sqlite:///{path}: the store was left half-migrated ({', '.join(left)}); {fix}")
+
+
+def database_answers(uri: str, scheme: str) -> None:
+    """A database server listens at the URI's host and port (one TCP connection, bounded): MLflow's own retries
+    took 111 s and 45 lines to refuse a PostgreSQL URI with nothing behind it. A URI without a host (a local
+    socket) is left to the driver."""
+    parsed = urlparse(uri)
+    if not parsed.hostname:
+        return
+    address = (parsed.hostname, parsed.port or DATABASE_PORTS[scheme])
+    try:
+        socket.create_connection(address, timeout=SERVER_CHECK_SECONDS).close()
+    except OSError as err:
+        reason = err.strerror or err.__class__.__name__
+        raise StoreError(
+            f"tracking.uri={redacted(uri)}: no database answers at {address[0]}:{address[1]} ({reason})"
+        ) from None
+
+
+def redacted(uri: str) -> str:
+    """uri with its password, if any, as ***, for messages."""
+    parsed = urlparse(uri)
+    if parsed.password is None:
+        return uri
+    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)).geturl()
 
 
 def check_artifact_root(uri: str, experiment: str) -> None:

@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from fashion_sweep import backend, compare, data, halving, parent, progress, runs
+from fashion_sweep import backend, cli, compare, data, halving, parent, progress, runs
 from fashion_sweep.config import check_builds, check_data_and_store, validate
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,7 @@ def check_jobs(config: DictConfig) -> list[int]:
 def refusal(overrides: list[str], shared: set[str], err: Exception) -> SystemExit:
     """The one-line exit for a refused job, naming it by what it sweeps (not the overrides all jobs share)."""
     swept = [o for o in overrides if o not in shared] or overrides
-    first_line = str(err).strip().splitlines()[0]
-    return SystemExit(f"fashion-sweep: job {swept} refused, nothing was run: {first_line}")
+    return SystemExit(f"fashion-sweep: job {swept} refused, nothing was run: {cli.refusal(err, overrides)}")
 
 
 class MlflowSweep(Callback):
@@ -117,7 +116,7 @@ class MlflowSweep(Callback):
 
     def interrupt(self, signum: int, frame: FrameType | None) -> None:
         self.interrupted = True  # so that a stop between two jobs, when no job is KILLED, still ends the parent KILLED
-        raise KeyboardInterrupt
+        cli.stop_on(signum, frame)
 
     def open_parent(self, config: DictConfig, plan: progress.Plan) -> None:
         # Create the store and experiment once, here: joblib workers meeting a new SQLite store race on its tables.

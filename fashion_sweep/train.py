@@ -51,10 +51,11 @@ def train(cfg: DictConfig) -> float:
         done = (run_name(cfg), job.stop_epoch, previous.info.run_id)
         log.info("%s: done up to epoch %d in run %s; not run again", *done)
         return runs.best_val_loss(client, previous, through=job.stop_epoch)
+    start = continuation.resume_point(client, previous) if previous else continuation.ResumePoint(None, frozenset())
     try:
         continued = previous.info.run_id if previous else None
         with runs.run(experiment_id, run_name(cfg), tracking.run_tags(job), job.parent_run_id, continued):
-            return fit_and_record(cfg, client, job, previous)
+            return fit_and_record(cfg, client, job, previous, start)
     except callbacks.Diverged as err:
         log.warning("%s diverged: %s", run_name(cfg), err)
         return math.inf
@@ -63,8 +64,10 @@ def train(cfg: DictConfig) -> float:
         return paused.best_val_loss
 
 
-def fit_and_record(cfg: DictConfig, client: MlflowClient, job: continuation.Job, previous: Run | None) -> float:
-    """Inside the active run: record the config and data, fit up to job.stop_epoch (from the checkpoint, if
+def fit_and_record(
+    cfg: DictConfig, client: MlflowClient, job: continuation.Job, previous: Run | None, start: continuation.ResumePoint
+) -> float:
+    """Inside the active run: record the config and data, fit up to job.stop_epoch (from start's checkpoint, if
     continuing), then, if that is the last epoch, evaluate on the test set and log figures and model."""
     split, dataset = data.split_for(cfg)
     if previous is None:
@@ -84,13 +87,15 @@ def fit_and_record(cfg: DictConfig, client: MlflowClient, job: continuation.Job,
     model = build_model(cfg.model)
     optimizer = build_optimizer(cfg.optimizer, total_steps=cfg.trainer.epochs * steps_per_epoch)
     model.compile(optimizer=optimizer, loss=pipeline.training_loss(smoothing), metrics=METRICS)
-    state = continuation.resume_point(client, previous) if previous is not None else None
+    state = start.state
     if state is not None:
         checkpoint.restore(model, state)
     first_epoch = state.epoch if state else 0
 
     guard = callbacks.DivergenceGuard(cfg.trainer.diverge_loss)
-    recorder = callbacks.EpochRecorder(state.history if state else {}, state.fit_seconds if state else 0.0)
+    recorder = callbacks.EpochRecorder(
+        state.history if state else {}, state.fit_seconds if state else 0.0, start.logged
+    )
     max_shift = cfg.data.max_shift if cfg.data.augment == "flip_shift" else None
     model.fit(
         pipeline.training_batches(

@@ -28,7 +28,7 @@ from fashion_sweep.compare import (
     write_report,
 )
 from fashion_sweep.runs import find_parent
-from tests.conftest import QUICK, all_runs, fashion_sweep, store_uri
+from tests.conftest import QUICK, all_runs, fashion_sweep, run_script, store_uri
 
 NAN = math.nan
 
@@ -223,3 +223,17 @@ def test_seed_replicates_sweep_reports_mean_and_std_per_lr(tmp_path: Path) -> No
     client = MlflowClient(store_uri(tmp_path / "mlruns"))
     assert {"runs.csv", "runs.md", "summary.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "| optimizer.lr | n | n_finished | best_val_loss_mean |" in proc.stdout
+
+
+def test_a_sweep_name_several_sweeps_share_is_answered_with_the_matches(tmp_path: Path) -> None:
+    (tmp_path / "mlruns").mkdir()
+    client = MlflowClient(store_uri(tmp_path / "mlruns"))  # as a store from before parent names were made unique
+    experiment = client.create_experiment("fashion-sweep", artifact_location=str(tmp_path / "artifacts"))
+    ids = [client.create_run(experiment, run_name="lr_sweep 2026-12-01 10:00:00", tags={"sweep_role": "parent"})
+           .info.run_id for _ in range(2)]  # fmt: skip
+    proc = run_script("fashion-sweep-compare", "--sweep", "lr_sweep 2026-12-01 10:00:00", "--tracking-uri",
+                      store_uri(tmp_path / "mlruns"), cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert "2 sweeps are named 'lr_sweep 2026-12-01 10:00:00'" in line and all(i in line for i in ids)
+    assert not (tmp_path / "reports").exists()

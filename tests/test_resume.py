@@ -8,6 +8,7 @@ import socket
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 from mlflow.entities import Run
@@ -188,3 +189,50 @@ def test_resume_refuses_a_running_run_whose_process_is_alive(tmp_path: Path) -> 
     assert proc.returncode == 1
     assert f"is RUNNING in process {os.getpid()} on this host" in proc.stderr and "--force" in proc.stderr
     assert client.get_run(run.info.run_id).info.status == "RUNNING"  # left as it was
+
+
+def damage(run: Run, how: str) -> int:
+    """Damage the run's current checkpoint slot (cut short), delete it, or both slots; return its epoch."""
+    epoch = int(run.data.tags["checkpoint_epoch"])
+    folder = Path(urlparse(run.info.artifact_uri).path) / "checkpoint"
+    current, previous = folder / f"slot-{epoch % 2}.npz", folder / f"slot-{(epoch - 1) % 2}.npz"
+    if how == "deleted":
+        current.unlink()
+    else:
+        for slot in [current, previous] if how == "both cut short" else [current]:
+            slot.write_bytes(slot.read_bytes()[:1000])
+    return epoch
+
+
+@pytest.mark.parametrize("how", ["cut short", "deleted"])
+def test_a_damaged_or_missing_checkpoint_resumes_from_the_previous_one(tmp_path: Path, uninterrupted, how) -> None:
+    stop_after(launch(tmp_path, *JOB), "val_loss", 2, signal.SIGINT)  # during epoch 3: checkpoints of 1 and 2
+    (killed,) = all_runs(tmp_path)
+    assert killed.info.status == "KILLED" and killed.data.tags["checkpoint_epoch"] == "2"
+    epoch = damage(killed, how)
+
+    proc = resume(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if "continuing from the previous one" in line]
+    assert len(said) == 1 and f"after epoch {epoch - 1}" in said[0] and ("damaged" in said[0] or "missing" in said[0])
+    (run,) = all_runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert steps(tmp_path, run) == {m: [1, 2, 3] for m in EPOCH_METRICS}  # epoch 2 trained again, logged once
+    whole_tmp, whole = uninterrupted
+    for metric in SAME_TRAINING:  # epoch 2 retrained from epoch 1's checkpoint: the same numbers
+        assert history(tmp_path, run, metric) == history(whole_tmp, whole, metric), metric
+
+
+def test_with_no_whole_checkpoint_left_resume_says_how_to_start_afresh_and_changes_nothing(tmp_path: Path) -> None:
+    stop_after(launch(tmp_path, *JOB), "val_loss", 2, signal.SIGINT)
+    (killed,) = all_runs(tmp_path)
+    damage(killed, "both cut short")
+
+    proc = resume(tmp_path, killed.info.run_id)
+    assert proc.returncode != 0
+    refusal = proc.stderr.strip().splitlines()
+    assert len(refusal) == 1 and "has no whole checkpoint left" in refusal[0], proc.stderr
+    assert f"mlflow runs delete --run-id {killed.info.run_id}" in refusal[0]
+    (run,) = all_runs(tmp_path)
+    assert run.info.status == "KILLED"  # a refused resume leaves the run as it was
+    assert steps(tmp_path, run)["loss"] == [1, 2]
