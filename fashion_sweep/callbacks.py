@@ -20,7 +20,12 @@ log = logging.getLogger(__name__)
 
 
 class Diverged(Exception):
-    """The training loss became NaN or exploded: a result of the learning rate, not a crash."""
+    """The training loss became NaN or exploded: a result of the learning rate, not a crash. Its note is the run's
+    description."""
+
+    def __init__(self, epoch: int, reason: str) -> None:
+        super().__init__(f"{reason}; training stopped")
+        self.note = f"Diverged in epoch {epoch}: {reason}."
 
 
 class DivergenceGuard(keras.callbacks.Callback):
@@ -30,6 +35,10 @@ class DivergenceGuard(keras.callbacks.Callback):
         super().__init__()
         self.limit = limit
         self.reason: str | None = None
+        self.epoch = 0  # the epoch under way (from 1)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = epoch + 1
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         loss = (logs or {}).get("loss")

@@ -316,6 +316,31 @@ def write_report(client: MlflowClient, parent: Run, out: Path) -> Report:
     return Report(rows=rows, swept=swept, best=best, files=files, table=table, columns=columns, best_is=best_is)
 
 
+def best_run_id(report: Report) -> str | None:
+    """The run of the best row; for a best setting (seed replicates), its run with the lowest best_val_loss."""
+    if report.best is None:
+        return None
+    if "run_id" in report.best:
+        return report.best["run_id"]
+    keys = [k for k in report.swept if k != SEED]
+    same = [r for r in report.rows if r["status"] == "FINISHED" and all(r[k] == report.best[k] for k in keys)]
+    return min(same, key=lambda r: r["best_val_loss"])["run_id"] if same else None
+
+
+def description(report: Report, folder: Path, registered: str | None = None) -> str:
+    """The sweep's answer as Markdown, for its parent run's page: the best setting, the table, where the report is."""
+    if report.best is None:
+        answer = "**No best setting**: no run finished with a finite validation loss."
+    else:
+        values = ", ".join(f"{k}={report.best[k]}" for k in report.swept if k in report.best and k != SEED)
+        answer = f"**Best: {values}** (best val_loss {report.best['best_val_loss']:.4f})."
+    lines = [answer, "", markdown(report.table, report.terminal_columns), f"{report.best_is}.", ""]
+    lines.append(f"Report: `{folder}`; the same files are this run's artifacts (summary.md, lr_effect.png, ...).")
+    if registered:
+        lines.append(f"The best model is registered as `{registered}` (name/version) in the Model registry.")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="fashion-sweep-compare", description="Rebuild a sweep's comparison report from the MLflow store."

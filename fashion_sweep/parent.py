@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -51,7 +52,8 @@ def record_start(client: MlflowClient, run_id: str, launch: str, plan: progress.
     of them fail on SQLite's unique (key, run) constraint (mlflow 3.17).
     """
     tags = {runs.SWEEP_ID_TAG: run_id, runs.LAUNCH_TAG: launch, progress.PLAN_TAG: plan.to_json(),
-            progress.PROGRESS_TAG: "starting", **runs.process_tags()}  # fmt: skip
+            progress.PROGRESS_TAG: "starting", runs.NOTE_TAG: running_note("starting"),
+            **runs.process_tags()}  # fmt: skip
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
 
@@ -60,10 +62,17 @@ def record_plan(client: MlflowClient, run_id: str, plan: progress.Plan) -> None:
     client.set_tag(run_id, progress.PLAN_TAG, plan.to_json())
 
 
+def running_note(line: str) -> str:
+    """The parent run's description while the sweep runs."""
+    return f"**Sweep running**: {line}\n\nThe table and the best setting appear here when the sweep ends."
+
+
 def record_progress(client: MlflowClient, run_id: str, line: str) -> None:
-    """The progress line a job logs after each epoch, mirrored where the MLflow UI shows it; never fails the job."""
+    """The progress line a job logs after each epoch, mirrored where the MLflow UI shows it (tag `progress` and the
+    run's description), in one request; never fails the job."""
     try:
-        client.set_tag(run_id, progress.PROGRESS_TAG, line)
+        tags = [RunTag(progress.PROGRESS_TAG, line), RunTag(runs.NOTE_TAG, running_note(line))]
+        client.log_batch(run_id, tags=tags)
     except MlflowException as err:
         log.warning("progress not mirrored on the sweep's parent run: %s", str(err).splitlines()[0])
 
@@ -81,6 +90,8 @@ def prune(client: MlflowClient, run_id: str, jobs: list[list[str]], epoch: int) 
             continue
         client.set_tag(run.info.run_id, runs.PRUNED_TAG, "true")
         client.set_tag(run.info.run_id, runs.PRUNED_AT_TAG, str(epoch))
+        note = f"Pruned at epoch {epoch}: not among the best at this rung of the halving sweep."
+        client.set_tag(run.info.run_id, runs.NOTE_TAG, note)
         if run.info.status == "SCHEDULED":
             client.set_terminated(run.info.run_id, "FINISHED")
         log.info("Pruned at epoch %d: %s", epoch, " ".join(overrides))
@@ -105,6 +116,11 @@ def record_report(client: MlflowClient, run_id: str, files: list[Path], best: di
     client.log_metric(run_id, "best_lr", float(best[lr_key]))
     client.log_metric(run_id, "best_val_loss", best["best_val_loss"])
     client.log_metric(run_id, "best_test_accuracy", best["test_accuracy"])
+
+
+def record_description(client: MlflowClient, run_id: str, markdown: str) -> None:
+    """The sweep's answer as the parent run's description (Markdown on its page in the MLflow UI)."""
+    client.set_tag(run_id, runs.NOTE_TAG, markdown)
 
 
 def finish(client: MlflowClient, run_id: str, status: str, elapsed_seconds: float) -> None:

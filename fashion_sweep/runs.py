@@ -46,6 +46,11 @@ PRUNED_AT_TAG = "pruned_at_epoch"  # the rung's epoch
 HALVING_RUNGS_TAG = "halving_rungs"  # a halving sweep's rung epochs, "1,3,10", on the parent
 ERROR_TAG = "error"  # a FAILED run's error, one line
 TASK_TAG = "task"  # "lr_find" on an LR range test (never resumed)
+NOTE_TAG = "mlflow.note.content"  # a run's description on its page in the MLflow UI (Markdown)
+# MLflow 3.17's UI opens an experiment in its GenAI mode unless the experiment is tagged a model-training one (the
+# tag alone does not change what a fresh browser opens; the address's workflowType does, see ui_address).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+LOCAL_UI = "http://127.0.0.1:5000"  # where fashion-sweep-ui serves a local store by default
 EPOCH_METRICS_TAG = "epoch_metrics"  # the metrics logged once per epoch (step = epoch), comma-separated
 # What every run logged per epoch before it recorded EPOCH_METRICS_TAG (fashion-sweep before 2026-12-05).
 EPOCH_METRICS_BEFORE_TAG = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
@@ -67,12 +72,26 @@ def connect(cfg: DictConfig) -> str:
         if experiment is None:
             location = Path(cfg.artifact_location).as_uri() if cfg.artifact_location else None
             try:
-                return client.create_experiment(cfg.experiment, artifact_location=location)
+                return client.create_experiment(cfg.experiment, location, tags=dict([EXPERIMENT_KIND]))
             except MlflowException:
                 experiment = client.get_experiment_by_name(cfg.experiment)  # a job through a server created it first
                 if experiment is None:
                     raise
+    kind, value = EXPERIMENT_KIND
+    if experiment.tags.get(kind) != value:  # an experiment from before, or one MLflow took for GenAI
+        client.set_experiment_tag(experiment.experiment_id, kind, value)
     return experiment.experiment_id
+
+
+def ui_address(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page of a run (or of an experiment's runs) at base, in its model-training mode."""
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/{page}?workflowType=machine_learning"
+
+
+def ui_base(tracking_uri: str) -> str:
+    """Where the MLflow UI of a store is: the server itself, or fashion-sweep-ui's default address."""
+    return tracking_uri if tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
 
 
 @contextmanager
@@ -125,22 +144,32 @@ class Paused(Exception):
 
 @contextmanager
 def run(
-    experiment_id: str, run_name: str, tags: dict[str, str], parent_run_id: str | None, continued: str | None = None
+    experiment_id: str,
+    run_name: str,
+    tags: dict[str, str],
+    parent_run_id: str | None,
+    continued: str | None = None,
+    system_metrics_interval: float | None = None,
 ) -> Iterator[str]:
     """An active MLflow run that always ends: FINISHED, KILLED on Ctrl-C, SCHEDULED when Paused, FAILED (with the
     error and traceback.txt) otherwise. A new run is nested in the sweep's parent, if any; `continued` reopens
-    that run."""
+    that run. With system_metrics_interval, MLflow's own sampler logs CPU, memory, disk and network every that many
+    seconds (a reopened run continues its series)."""
     global last_run_id
     tags = {**tags, **process_tags()}
+    sampling = system_metrics_interval is not None
+    if sampling:
+        mlflow.set_system_metrics_sampling_interval(system_metrics_interval)
     if continued:
-        active = mlflow.start_run(run_id=continued)
+        active = mlflow.start_run(run_id=continued, log_system_metrics=sampling)
         mlflow.set_tags(tags)
     else:
         if parent_run_id:
             tags[SWEEP_ID_TAG] = parent_run_id
         active = mlflow.start_run(
-            experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags
-        )
+            experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags,
+            log_system_metrics=sampling,
+        )  # fmt: skip
     last_run_id = active.info.run_id
     try:
         yield active.info.run_id
@@ -150,9 +179,12 @@ def run(
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         try:
-            if status == "FAILED":
-                mlflow.set_tag(ERROR_TAG, error_summary(err))
+            if status == "FAILED":  # the description: the error's own note (a diverged run's), or the error
+                summary = error_summary(err)
+                mlflow.set_tags({ERROR_TAG: summary, NOTE_TAG: getattr(err, "note", f"Failed: {summary}")})
                 mlflow.log_text(traceback.format_exc(), "traceback.txt")
+            else:
+                mlflow.set_tag(NOTE_TAG, "Stopped (Ctrl-C or SIGTERM); `fashion-sweep-resume` continues it.")
         finally:
             mlflow.end_run(status)
         raise

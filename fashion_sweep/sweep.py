@@ -19,10 +19,11 @@ from typing import Any
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from fashion_sweep import backend, cli, compare, data, halving, parent, progress, runs
+from fashion_sweep import backend, cli, compare, data, halving, parent, progress, registry, runs
 from fashion_sweep.config import check_builds, check_data_and_store, validate
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def check_jobs(config: DictConfig) -> list[int]:
                 choices = job.hydra.runtime.choices
                 del job["hydra"]
             validate(job, choices, build=False)
-            launch = OmegaConf.to_yaml(OmegaConf.masked_copy(job, ["data", "tracking"]), resolve=True)
+            launch = str({group: OmegaConf.to_container(job[group], resolve=True) for group in ("data", "tracking")})
             if launch not in checked:
                 folder = check_data_and_store(job)
                 if in_process:  # the jobs run here: decoded while TensorFlow is imported
@@ -102,6 +103,7 @@ class MlflowSweep(Callback):
         self.uri = ""
         self.report_dir = Path()
         self.interrupted = False
+        self.registered_model: str | None = None  # tracking.registered_model: where the best model is registered
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not HydraConfig.initialized():
@@ -122,6 +124,7 @@ class MlflowSweep(Callback):
         # Create the store and experiment once, here: joblib workers meeting a new SQLite store race on its tables.
         experiment_id = runs.connect(config.tracking)
         self.uri = str(config.tracking.uri)
+        self.registered_model = config.tracking.get("registered_model")
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
         self.report_dir = sweep_dir / "report"
         client = MlflowClient(self.uri)
@@ -149,10 +152,9 @@ class MlflowSweep(Callback):
             raise SystemExit(1)  # Hydra only warns about a callback's exceptions; the exit code must say it
 
     def finish(self, completed: bool) -> bool:
-        """Write the report to the parent run and end it: FINISHED, or FAILED/KILLED if a job crashed or stopped.
-
-        Returns False if the report could not be written (the parent then ends FAILED).
-        """
+        """End jobs whose process died, write the report to the parent run (and its description), register the
+        best model of a finished sweep, print the answer, and end the parent: FINISHED, or FAILED/KILLED if a job
+        crashed or stopped. Returns False if the report could not be written (the parent then ends FAILED)."""
         if self.parent_run_id is None:
             return True
         run_id, self.parent_run_id = self.parent_run_id, None
@@ -161,8 +163,15 @@ class MlflowSweep(Callback):
         client = MlflowClient(self.uri)
         status = "FAILED"
         try:
-            rows = self.report(client, run_id).rows
-            status = sweep_status([row["status"] for row in rows], completed, self.interrupted)
+            parent.end_orphans(client, run_id)
+            parent_run = client.get_run(run_id)
+            report = compare.write_report(client, parent_run, self.report_dir)
+            status = sweep_status([row["status"] for row in report.rows], completed, self.interrupted)
+            version = self.register_best(client, parent_run, report) if status == "FINISHED" else None
+            page = runs.ui_address(runs.ui_base(self.uri), parent_run.info.experiment_id, run_id)
+            parent.record_report(client, run_id, report.files, report.best, compare.LR)
+            parent.record_description(client, run_id, compare.description(report, self.report_dir, version))
+            self.print_report(report, run_id, page)
             if status != "FINISHED":
                 print(f"Continue this sweep with: fashion-sweep-resume {run_id}")
         except Exception as err:
@@ -172,19 +181,30 @@ class MlflowSweep(Callback):
             parent.finish(client, run_id, status, time.time() - client.get_run(run_id).info.start_time / 1000)
         return True
 
-    def report(self, client: MlflowClient, run_id: str) -> compare.Report:
-        """End jobs whose process died, write the report, log it to the parent run and print it."""
-        parent.end_orphans(client, run_id)
-        report = compare.write_report(client, client.get_run(run_id), self.report_dir)
-        parent.record_report(client, run_id, report.files, report.best, compare.LR)
+    def register_best(self, client: MlflowClient, parent_run: Run, report: compare.Report) -> str | None:
+        """The best run's model as a new version of tracking.registered_model ("<name>/<version>"), if set."""
+        run_id = compare.best_run_id(report)
+        if not self.registered_model or run_id is None:
+            return None
+        best = client.get_run(run_id)
+        swept = {key: best.data.params.get(key, "") for key in report.swept}
+        score = {"best_val_loss": f"{report.best['best_val_loss']:.6g}" if report.best else ""}
+        tags = {runs.SWEEP_ID_TAG: parent_run.info.run_id, "sweep": parent_run.info.run_name, **swept, **score}
+        version = registry.register(client, self.registered_model, best, tags)
+        if version is None:
+            return None
+        client.set_tag(parent_run.info.run_id, registry.VERSION_TAG, f"{version.name}/{version.version}")
+        return f"{version.name}/{version.version}"
+
+    def print_report(self, report: compare.Report, run_id: str, page: str) -> None:
+        """The table, how best was chosen, where the report is, where to browse."""
         print(compare.markdown(report.table, report.terminal_columns))
         print(f"{report.best_is}.\nReport: {self.report_dir}  (also on MLflow run {run_id})")
         if self.uri.startswith(("http://", "https://")):  # the server is the UI
-            print(f"Browse the runs: {self.uri}")
+            print(f"Browse the sweep: {page}")
         else:
             ui = Path(sys.executable).parent / "fashion-sweep-ui"  # next to this Python, e.g. .venv/bin/
-            print(f"Browse the runs: {ui} --tracking-uri {self.uri}   then open http://127.0.0.1:5000")
-        return report
+            print(f"Browse the sweep: {ui} --tracking-uri {self.uri}   then open {page}")
 
 
 def sweep_status(child_statuses: list[str], completed: bool, interrupted: bool = False) -> str:

@@ -106,10 +106,23 @@ def log_input(dataset: Any, context: str) -> None:
         mlflow.log_input(dataset, context=context)
 
 
-def log_model(model: keras.Model, example: np.ndarray, example_output: np.ndarray) -> None:
-    """Log model as an MLflow Keras model with the signature of example -> example_output, linked to the run."""
-    signature = infer_signature(example, example_output)
+def serving_model(model: keras.Model) -> keras.Model:
+    """model behind what a user has: raw uint8 images of 28x28 pixels, 0-255, in; class probabilities out. The
+    scaling is data.split's (x / 255 in float32, to the bit), so the served model scores what the run scored."""
+    images = keras.Input(data.IMAGE_SHAPE[:2], dtype="uint8", name="images")
+    pixels = keras.layers.Reshape(data.IMAGE_SHAPE)(images)
+    scaled = keras.layers.Normalization(mean=0.0, variance=255.0**2, dtype="float32", name="divide_by_255")(pixels)
+    return keras.Model(images, model(scaled), name=f"{model.name}_on_raw_pixels")
+
+
+def log_model(model: keras.Model, images: np.ndarray, probabilities: np.ndarray) -> str:
+    """Log serving_model(model) as an MLflow Keras model, linked to the run: signature uint8 images (n, 28, 28) ->
+    probabilities (n, 10), with images as its input example. Returns the model's URI."""
+    served = serving_model(model)
+    signature = infer_signature(images, probabilities)
     # Explicit requirements: letting mlflow 3.17 infer them costs ~5 s per run; these are what loading needs.
     requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
-    with mlflow_internals.requirements_checked_by_name():
-        mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
+    with mlflow_internals.requirements_checked_by_name(), mlflow_internals.keras_model_folder_made_first():
+        info = mlflow.keras.log_model(served, name="model", signature=signature, input_example=images[:2],
+                                      pip_requirements=requirements)  # fmt: skip
+    return info.model_uri

@@ -17,7 +17,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from fashion_sweep import backend, callbacks, checkpoint, continuation, data, pipeline, plots, runs, tracking
+from fashion_sweep import backend, callbacks, checkpoint, continuation, data, pipeline, plots, registry, runs, tracking
 from fashion_sweep.models import build_model, with_keras_layers
 from fashion_sweep.optimizers import build_optimizer
 
@@ -54,7 +54,9 @@ def train(cfg: DictConfig) -> float:
     start = continuation.resume_point(client, previous) if previous else continuation.ResumePoint(None, frozenset())
     try:
         continued = previous.info.run_id if previous else None
-        with runs.run(experiment_id, run_name(cfg), tracking.run_tags(job), job.parent_run_id, continued):
+        sampling = cfg.tracking.system_metrics_interval if cfg.tracking.get("system_metrics") else None
+        tags = tracking.run_tags(job)
+        with runs.run(experiment_id, run_name(cfg), tags, job.parent_run_id, continued, sampling):
             return fit_and_record(cfg, client, job, previous, start)
     except callbacks.Diverged as err:
         log.warning("%s diverged: %s", run_name(cfg), err)
@@ -115,17 +117,36 @@ def fit_and_record(
     mlflow.log_metric("fit_seconds", recorder.fit_seconds, step=len(history.get("loss", [])))
     if guard.reason is not None:
         mlflow.set_tag(runs.DIVERGED_TAG, "true")
-        raise callbacks.Diverged(f"{guard.reason}; training stopped")
+        raise callbacks.Diverged(guard.epoch, guard.reason)
+    best, at = best_epoch(history["val_loss"])
     if stop < cfg.trainer.epochs:
-        raise runs.Paused(stop, min(history["val_loss"], default=math.inf))
+        mlflow.set_tag(runs.NOTE_TAG, f"Paused after epoch {stop} (a rung of a halving sweep); best val_loss so far "
+                                      f"{best:.4f}, at epoch {at}.")  # fmt: skip
+        raise runs.Paused(stop, best)
 
-    evaluate(cfg, model, split, history)
-    return min(history["val_loss"])
+    test_accuracy = evaluate(cfg, model, split, history, dataset.x_test[..., 0])
+    name = cfg.tracking.get("registered_model")
+    if cfg.tracking.get("register_single_runs") and name and job.parent_run_id is None and cfg.tracking.log_model:
+        active = mlflow.active_run()
+        assert active is not None
+        run = client.get_run(active.info.run_id)  # a sweep registers its best model when it ends
+        registry.register(client, name, run, {"best_val_loss": f"{best:.6g}", "test_accuracy": f"{test_accuracy:.4f}"})
+    mlflow.set_tag(runs.NOTE_TAG, f"Finished: best val_loss {best:.4f} at epoch {at} of {stop}; test accuracy "
+                                  f"{test_accuracy:.4f}.")  # fmt: skip
+    return best
 
 
-def evaluate(cfg: DictConfig, model: keras.Model, split: data.Split, history: dict[str, list[float]]) -> None:
+def best_epoch(val_losses: list[float]) -> tuple[float, int]:
+    """The lowest validation loss and its epoch (from 1); (inf, 0) if there is none."""
+    finite = [(loss, epoch) for epoch, loss in enumerate(val_losses, start=1) if math.isfinite(loss)]
+    return min(finite, default=(math.inf, 0))
+
+
+def evaluate(
+    cfg: DictConfig, model: keras.Model, split: data.Split, history: dict[str, list[float]], raw_test_images: np.ndarray
+) -> float:
     """Score the test split; log the test metrics, the curves, the confusion matrix, the misclassified images and
-    the model."""
+    the model (which takes the raw uint8 images); return the test accuracy."""
     started = time.perf_counter()
     probabilities = predict(model, split.x_test, cfg.trainer.eval_batch_size)
     predicted = probabilities.argmax(axis=1)
@@ -139,4 +160,5 @@ def evaluate(cfg: DictConfig, model: keras.Model, split: data.Split, history: di
     mlflow.log_figure(plots.confusion_matrix(split.y_test, predicted, data.CLASS_NAMES), "confusion_matrix.png")
     mlflow.log_figure(plots.misclassified(split.x_test, split.y_test, predicted, data.CLASS_NAMES), "misclassified.png")
     if cfg.tracking.log_model:
-        tracking.log_model(with_keras_layers(model), split.x_test[:8], probabilities[:8])
+        tracking.log_model(with_keras_layers(model), raw_test_images[:8], probabilities[:8])
+    return test_accuracy

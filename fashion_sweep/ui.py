@@ -9,7 +9,9 @@ import argparse
 import os
 import sys
 
-from fashion_sweep import store
+from mlflow.tracking import MlflowClient
+
+from fashion_sweep import runs, store
 
 
 def ui_command(tracking_uri: str, port: int) -> list[str]:
@@ -28,6 +30,19 @@ def ui_command(tracking_uri: str, port: int) -> list[str]:
     ]
 
 
+def landing_page(uri: str, base: str) -> str:
+    """The page to open first, in the UI's model-training mode: the latest sweep's parent run, else the runs of the
+    experiment written last, else the UI's start."""
+    client = MlflowClient(uri)
+    try:
+        parent = runs.find_parent(client, None)
+        return runs.ui_address(base, parent.info.experiment_id, parent.info.run_id)
+    except LookupError:
+        pass
+    latest = client.search_experiments(order_by=["last_update_time DESC"], max_results=1)
+    return runs.ui_address(base, latest[0].experiment_id) if latest else base
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fashion-sweep-ui", description="Browse the runs in the MLflow UI.")
     parser.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
@@ -36,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     uri = args.tracking_uri or store.default_tracking_uri()
     if missing := store.missing_local_store(uri):
         sys.exit(f"fashion-sweep-ui: {missing}; run `fashion-sweep` first or pass --tracking-uri")
-    print(f"MLflow UI: http://127.0.0.1:{args.port}  (store {uri}; Ctrl-C stops it)", flush=True)
+    print(
+        f"MLflow UI: {landing_page(uri, f'http://127.0.0.1:{args.port}')}  (store {uri}; Ctrl-C stops it)", flush=True
+    )
     command = ui_command(uri, args.port)
     os.execv(command[0], command)  # the UI replaces this process, so Ctrl-C and SIGTERM reach it directly
 

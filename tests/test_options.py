@@ -161,10 +161,10 @@ def test_a_run_with_every_option_records_them_and_validates_on_untouched_images(
     # Validation saw the images as they are: the logged model scores the validation split to the logged val_loss
     # (and it is the trained network with Keras' own batch norm in place of the fused one).
     (logged,) = client.search_logged_models([run.info.experiment_id])
-    model = mlflow.keras.load_model(logged.artifact_location)
-    assert [type(layer).__name__ for layer in model.layers].count("BatchNormalization") == 5
+    network = mlflow.keras.load_model(logged.artifact_location).layers[-1]  # behind the raw-pixel input layers
+    assert [type(layer).__name__ for layer in network.layers].count("BatchNormalization") == 5
     split = data.split(data.load(fashion_dir), 0.1, 1000, seed=42)
-    probabilities = model.predict(split.x_val, batch_size=1024, verbose=0)
+    probabilities = network.predict(split.x_val, batch_size=1024, verbose=0)
     val_loss = float(keras.ops.mean(keras.losses.sparse_categorical_crossentropy(split.y_val, probabilities)))
     last = max(client.get_metric_history(run.info.run_id, "val_loss"), key=lambda m: m.step).value
     assert val_loss == pytest.approx(last, rel=2e-3)

@@ -76,7 +76,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Run]:
 
 
 def test_ctrl_c_run_resumed_in_place_equals_an_uninterrupted_run(tmp_path: Path, uninterrupted) -> None:
-    output = stop_after(launch(tmp_path, *JOB), "val_loss", 1, signal.SIGINT)  # during epoch 2
+    output = stop_after(launch(tmp_path, *JOB, "tracking.system_metrics_interval=1"), "val_loss", 1, signal.SIGINT)
     assert "interrupted; run" in output and "Traceback" not in output
     (killed,) = all_runs(tmp_path)
     assert killed.info.status == "KILLED" and killed.data.tags["checkpoint_epoch"] in ("1", "2")
@@ -86,6 +86,8 @@ def test_ctrl_c_run_resumed_in_place_equals_an_uninterrupted_run(tmp_path: Path,
     (run,) = all_runs(tmp_path)
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
     assert steps(tmp_path, run) == {m: [1, 2, 3] for m in EPOCH_METRICS}  # every epoch logged exactly once
+    cpu = [step for step, _ in history(tmp_path, run, "system/cpu_utilization_percentage")]
+    assert len(cpu) >= 2 and cpu == list(range(len(cpu)))  # one series across the resume: steps go on, none twice
     whole_tmp, whole = uninterrupted
     for metric in SAME_TRAINING:  # deterministic on CPU: the same seed gives the same numbers, to the last bit
         assert history(tmp_path, run, metric) == history(whole_tmp, whole, metric), metric

@@ -31,8 +31,10 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_run_is_finished_and_named_for_what_it_is(finished_run) -> None:
-    _, _, run = finished_run
+    tmp, _, run = finished_run
     assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.note.content"].startswith("Finished: best val_loss ")  # its page's description
+    assert MlflowClient(store_uri(tmp / "mlruns")).search_registered_models() == []  # a single run registers none
     assert run.info.run_name == "seed_cnn rmsprop lr=0.002"
 
 
@@ -113,7 +115,7 @@ def test_logged_model_loads_and_predicts_probabilities(finished_run, fashion_dir
     tmp, _, run = finished_run
     (model,) = MlflowClient(store_uri(tmp / "mlruns")).search_logged_models([run.info.experiment_id])
     loaded = mlflow.pyfunc.load_model(model.artifact_location)
-    images = data.load(fashion_dir).x_test[:5].astype(np.float32) / 255.0
+    images = data.load(fashion_dir).x_test[:5, :, :, 0]  # what a user has: uint8, 28x28, 0-255
     probabilities = np.asarray(loaded.predict(images))
     assert probabilities.shape == (5, 10)
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
@@ -124,10 +126,12 @@ def test_logged_test_scores_are_what_keras_predict_makes_of_the_logged_model(fin
     (logged,) = MlflowClient(store_uri(tmp / "mlruns")).search_logged_models([run.info.experiment_id])
     model = mlflow.keras.load_model(logged.artifact_location)
     test = data.load(fashion_dir)
-    probabilities = model.predict(test.x_test.astype(np.float32) / 255.0, batch_size=1024, verbose=0)
+    probabilities = model.predict(test.x_test[..., 0], batch_size=1024, verbose=0)  # raw pixels, scaled inside
     accuracy = float((probabilities.argmax(axis=1) == test.y_test).mean())
     loss = float(keras.ops.mean(keras.losses.sparse_categorical_crossentropy(test.y_test, probabilities)))
     assert accuracy == pytest.approx(run.data.metrics["test_accuracy"], abs=2e-4)  # at most 2 of 10,000 flip
+    signature = mlflow.pyfunc.load_model(logged.artifact_location).metadata.signature.inputs.to_dict()
+    assert signature == [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": (-1, 28, 28)}}]
     assert loss == pytest.approx(run.data.metrics["test_loss"], rel=1e-3)
 
 

@@ -16,7 +16,7 @@ from tests.conftest import BIN, QUICK, all_runs, store_uri
 # Modules that read or check the store, plan sweeps or draw: none may import TensorFlow (docs/architecture.md).
 TENSORFLOW_FREE = [
     "cli", "compare", "config", "data", "halving", "parent", "plots", "progress", "resume", "runs", "server",
-    "store", "sweep", "ui", "hydra_internals", "mlflow_internals",
+    "store", "sweep", "ui", "hydra_internals", "mlflow_internals", "registry",
 ]  # fmt: skip
 
 REPORT_TENSORFLOW = (

@@ -22,11 +22,11 @@ backend.import_tensorflow()
 import keras, mlflow, numpy as np, tensorflow as tf
 from mlflow.utils import requirements_utils
 from fashion_sweep import mlflow_internals, tracking
-model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
-x = np.zeros((2, 4), np.float32)
+model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(3, activation="relu")])
+x = np.zeros((2, 28, 28), np.uint8)
 mlflow.set_tracking_uri(sys.argv[1])
 with mlflow.start_run() as run:
-    tracking.log_model(model, x, model.predict_on_batch(x))
+    tracking.log_model(model, x, model.predict_on_batch(x[..., None] / 255))
 scanned = requirements_utils._MODULES_TO_PACKAGES is not None
 with mlflow_internals.requirements_checked_by_name():
     mismatch = requirements_utils._check_requirement_satisfied("tensorflow==0.0.1")
@@ -35,6 +35,26 @@ print(scanned, str(mismatch.installed_version) == tf.__version__)
 print(" ".join(mlflow.artifacts.load_text(logged.artifact_location + "/requirements.txt").split()))
 requirements_utils._check_requirement_satisfied("keras")  # mlflow on its own
 print("keras" in (requirements_utils._MODULES_TO_PACKAGES or {}))
+"""
+
+# mlflow/mlflow#16183: mlflow 3.17's Keras flavour writes the input example before it makes the model's folder.
+KERAS_INPUT_EXAMPLE = """
+import sys
+from fashion_sweep import backend
+backend.import_tensorflow()
+import keras, mlflow, numpy as np
+from fashion_sweep import mlflow_internals
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+mlflow.set_tracking_uri(sys.argv[1])
+with mlflow.start_run():
+    try:
+        mlflow.keras.log_model(model, name="plain", input_example=np.zeros((1, 4), np.float32))
+        print("mlflow on its own: logged")
+    except FileNotFoundError:
+        print("mlflow on its own: FileNotFoundError")
+    with mlflow_internals.keras_model_folder_made_first():
+        info = mlflow.keras.log_model(model, name="made_first", input_example=np.zeros((1, 4), np.float32))
+    print("with the workaround:", mlflow.models.Model.load(info.model_uri).saved_input_example_info["type"])
 """
 
 
@@ -84,3 +104,13 @@ def test_a_model_is_logged_without_mlflows_package_scan_and_its_requirements_sti
     # mlflow 3.17 maps every installed package's modules before it checks a requirement: once this turns False,
     # mlflow_internals.requirements_checked_by_name can go.
     assert mlflow_scans == "True"
+
+
+def test_a_keras_model_is_logged_with_its_input_example_though_mlflow_alone_fails(tmp_path: Path) -> None:
+    proc = subprocess.run([str(BIN / "python"), "-c", KERAS_INPUT_EXAMPLE, store_uri(tmp_path)], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    alone, worked_around = [line for line in proc.stdout.splitlines() if line.startswith(("mlflow on", "with the"))]
+    assert worked_around == "with the workaround: ndarray"
+    # Once mlflow fixes #16183 this says "logged": then mlflow_internals.keras_model_folder_made_first can go.
+    assert alone == "mlflow on its own: FileNotFoundError"
