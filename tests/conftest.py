@@ -22,16 +22,19 @@ QUICK = ["data.train_size=1000", "trainer.epochs=1", "trainer.verbose=0"]
 # each worker the next file in this order, so the long ones start first and the short ones fill the end. Files not
 # named here follow, in pytest's order. (xdist's own order, by number of tests, started the long files last.)
 LONGEST_FIRST = [
-    "test_resume.py",  # 159
+    "test_resume.py",  # 159 (+70 since 2026-12-05: damaged checkpoints)
     "test_benchmarks.py",  # 158
+    "test_ui.py",  # 31 (+80 since 2026-12-05: the model sweep, Chromium, serving)
     "test_server.py",  # 95
     "test_run.py",  # 90
     "test_halving.py",  # 89
     "test_ray.py",  # 72
+    "test_structure.py",  # ~70 (2026-12-05)
     "test_sweep.py",  # 65
-    "test_ui.py",  # 31
+    "test_store.py",  # ~45 (2026-12-05)
     "test_compare.py",  # 30
     "test_lr_find.py",  # 26
+    "test_old_store.py",  # ~25 (2026-12-05)
     "test_options.py",  # 16
     "test_models.py",  # 12
 ]
