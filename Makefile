@@ -6,12 +6,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PORT ?= 5000
 ARGS ?=  # extra Hydra overrides for `make sweep`, e.g. ARGS="data.train_size=2000 trainer.epochs=1"
 
-.PHONY: sweep test bench lint ui server setup data browser netns clean
+.PHONY: sweep test bench lint ui server setup data browser netns postgres clean
 
 sweep: setup data  ## the main job: the learning-rate sweep (experiment=lr_sweep) into ./mlruns
 	$(BIN)/fashion-sweep --multirun experiment=lr_sweep $(ARGS)
 
-test: setup data browser netns  ## the whole test suite (real data, real MLflow, real Chromium, a real Ray cluster)
+test: setup data browser netns postgres  ## the whole test suite (real data, real MLflow, real Chromium, a real Ray cluster, a scratch PostgreSQL)
 	$(BIN)/python -m pytest
 
 bench: setup data  ## the benchmarks (benchmarks/README.md): ~25 minutes, results in benchmarks/results/
@@ -45,6 +45,10 @@ data:  ## Fashion-MNIST from Debian's dataset-fashion-mnist, unless it is there 
 netns:  ## unshare and ip (util-linux, iproute2): the Ray test runs in a loopback-only network namespace
 	@command -v unshare >/dev/null && command -v ip >/dev/null && command -v ss >/dev/null || \
 	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq util-linux iproute2)
+
+postgres:  ## Debian's PostgreSQL binaries: a test starts a scratch cluster on 127.0.0.1 (tests/test_store.py)
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql)
 
 browser:  ## Debian's Chromium, for the UI test
 	@command -v chromium >/dev/null || \

@@ -51,6 +51,7 @@ NOTE_TAG = "mlflow.note.content"  # a run's description on its page in the MLflo
 # tag alone does not change what a fresh browser opens; the address's workflowType does, see ui_address).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 LOCAL_UI = "http://127.0.0.1:5000"  # where fashion-sweep-ui serves a local store by default
+FIRST_USE_LOCK_KEY = 0x66617368  # the PostgreSQL advisory lock that serializes a store's first use ("fash")
 EPOCH_METRICS_TAG = "epoch_metrics"  # the metrics logged once per epoch (step = epoch), comma-separated
 # What every run logged per epoch before it recorded EPOCH_METRICS_TAG (fashion-sweep before 2026-12-05).
 EPOCH_METRICS_BEFORE_TAG = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
@@ -83,6 +84,24 @@ def connect(cfg: DictConfig) -> str:
     return experiment.experiment_id
 
 
+@contextmanager
+def postgresql_lock(uri: str) -> Iterator[None]:
+    """A PostgreSQL session-level advisory lock held while inside: one process creates or migrates the store, the
+    others wait, then find its tables (released when the session ends, even if the process dies)."""
+    import sqlalchemy  # MLflow's own dependency; only a database store needs it here
+
+    engine = sqlalchemy.create_engine(uri)
+    try:
+        with engine.connect() as session:
+            session.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": FIRST_USE_LOCK_KEY})
+            try:
+                yield
+            finally:
+                session.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": FIRST_USE_LOCK_KEY})
+    finally:
+        engine.dispose()
+
+
 def ui_address(base: str, experiment_id: str, run_id: str | None = None) -> str:
     """The MLflow UI's page of a run (or of an experiment's runs) at base, in its model-training mode."""
     page = f"runs/{run_id}" if run_id else "runs"
@@ -96,11 +115,16 @@ def ui_base(tracking_uri: str) -> str:
 
 @contextmanager
 def first_use(uri: str) -> Iterator[None]:
-    """For a SQLite store, hold an exclusive lock on a file beside it while inside: MLflow 3.17 creates a new store
-    by running its migrations, and processes doing that at once failed or left the store half-migrated ("table
-    _alembic_tmp_tags already exists"). Inside the lock a store left half-migrated is refused with how to recover."""
+    """While inside, no other fashion-sweep process opens the store for the first time: MLflow 3.17 creates a new
+    store by running its migrations, and processes doing that at once failed or left the store half-migrated
+    ("table _alembic_tmp_tags already exists"). SQLite: an exclusive lock on a file beside the store, inside which a
+    store left half-migrated is refused with how to recover; PostgreSQL: an advisory lock."""
+    if uri.startswith("postgresql"):
+        with postgresql_lock(uri):
+            yield
+        return
     if not uri.startswith("sqlite:///"):
-        yield
+        yield  # MySQL, MSSQL and servers: MLflow's own migrations, not serialized here
         return
     path = Path(uri.removeprefix("sqlite:///"))
     path.parent.mkdir(parents=True, exist_ok=True)

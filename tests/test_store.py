@@ -60,3 +60,29 @@ def test_a_database_uri_with_nothing_listening_is_refused_in_seconds(tmp_path: P
     assert proc.returncode != 0
     assert "no database answers at 127.0.0.1:1" in proc.stderr and "s3cret" not in proc.stderr + proc.stdout
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+OPEN_ONCE = """
+import sys
+from omegaconf import OmegaConf
+from fashion_sweep import runs
+runs.connect(OmegaConf.create({"uri": sys.argv[1], "experiment": "fashion-sweep", "artifact_location": sys.argv[2]}))
+print("opened")
+"""
+
+
+def test_four_processes_opening_a_new_postgresql_store_at_once_all_succeed(tmp_path: Path) -> None:
+    from benchmarks.server_load import postgres  # a scratch cluster on 127.0.0.1 (Debian's PostgreSQL)
+
+    with postgres() as uri:
+        command = [str(BIN / "python"), "-c", OPEN_ONCE, uri, str(tmp_path / "artifacts")]
+        procs = [
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(4)
+        ]
+        try:
+            outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+        finally:
+            for proc in procs:
+                proc.kill()
+        assert [proc.returncode for proc in procs] == [0, 0, 0, 0], outputs
+        assert MlflowClient(uri).get_experiment_by_name("fashion-sweep") is not None  # the store opens afterwards
