@@ -128,14 +128,20 @@ def model_ui(model_sweep):
         stop_group(proc)
 
 
+# Draw every frame and never throttle a hidden page's timers: the charts of MLflow's UI render lazily.
+RENDER_FLAGS = ["--run-all-compositor-stages-before-draw", "--disable-background-timer-throttling",
+                "--disable-renderer-backgrounding", "--disable-backgrounding-occluded-windows"]  # fmt: skip
+
+
 def rendered(page: str, profile: Path, until: str = "") -> str:
     """The DOM of page after the UI's scripts ran, in a fresh headless Chromium (tall, so that every chart renders).
-    The charts of a run render after their data arrives, which a 30 s virtual-time budget did not always wait
-    for: with `until`, up to three tries, until the DOM holds it."""
+    A run's charts render only once Chromium draws them: on a loaded machine the DOM was often dumped before (1 in 3
+    with the flags above, 0 in 6 with RENDER_FLAGS, Chromium 2026-12-05). With `until`, up to three tries, until the
+    DOM holds it."""
     assert CHROMIUM, "Chromium is missing: apt-get install chromium (.ci/run and `make test` install it)"
     for attempt in range(3):
-        command = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}-{attempt}", "--window-size=1400,3000",
-                   "--virtual-time-budget=60000", "--dump-dom", page]  # fmt: skip
+        command = [CHROMIUM, *CHROMIUM_FLAGS, *RENDER_FLAGS, f"--user-data-dir={profile}-{attempt}",
+                   "--window-size=1400,3000", "--virtual-time-budget=60000", "--dump-dom", page]  # fmt: skip
         dom = subprocess.run(command, capture_output=True, text=True, timeout=180).stdout
         if until in dom:
             break
