@@ -54,8 +54,7 @@ def record_start(client: MlflowClient, run_id: str, launch: str, plan: progress.
     tags = {runs.SWEEP_ID_TAG: run_id, runs.LAUNCH_TAG: launch, progress.PLAN_TAG: plan.to_json(),
             progress.PROGRESS_TAG: "starting", runs.NOTE_TAG: running_note("starting"),
             **runs.process_tags()}  # fmt: skip
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
 
 
 def record_plan(client: MlflowClient, run_id: str, plan: progress.Plan) -> None:
@@ -88,10 +87,9 @@ def prune(client: MlflowClient, run_id: str, jobs: list[list[str]], epoch: int) 
         run = runs.job_run(client, experiment_id, run_id, runs.job_key(overrides))
         if run is None:
             continue
-        client.set_tag(run.info.run_id, runs.PRUNED_TAG, "true")
-        client.set_tag(run.info.run_id, runs.PRUNED_AT_TAG, str(epoch))
         note = f"Pruned at epoch {epoch}: not among the best at this rung of the halving sweep."
-        client.set_tag(run.info.run_id, runs.NOTE_TAG, note)
+        tags = {runs.PRUNED_TAG: "true", runs.PRUNED_AT_TAG: str(epoch), runs.NOTE_TAG: note}
+        client.log_batch(run.info.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
         if run.info.status == "SCHEDULED":
             client.set_terminated(run.info.run_id, "FINISHED")
         log.info("Pruned at epoch %d: %s", epoch, " ".join(overrides))
