@@ -34,8 +34,12 @@ def app(cfg: DictConfig) -> float:
     try:
         return job(cfg, single)
     except Exception as err:
+        from fashion_sweep import credentials
+
         if isinstance(err, config.ConfigError):
             summary = str(err)
+        elif refused := credentials.server_refusal(err):  # a server's 401 or 403: no run was created
+            summary = f"tracking.uri={cfg.tracking.uri}: {refused}"
         else:
             from fashion_sweep import runs
 

@@ -23,7 +23,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fashion_sweep import plots, runs, store
+from fashion_sweep import credentials, plots, runs, store
 
 LR = "optimizer.lr"
 SEED = "trainer.seed"
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="report directory (default: reports/<sweep id>)")
     args = parser.parse_args(argv)
 
-    uri = args.tracking_uri or store.default_tracking_uri()
+    uri = credentials.moved_to_environment(args.tracking_uri or store.default_tracking_uri())
     if missing := store.missing_local_store(uri):
         sys.exit(f"fashion-sweep-compare: {missing}; run a sweep first or pass --tracking-uri")
     client = MlflowClient(uri)
@@ -358,7 +358,8 @@ def main(argv: list[str] | None = None) -> None:
         parent = runs.find_parent(client, args.sweep)
         report = write_report(client, parent, args.out or Path("reports") / parent.info.run_id)
     except (LookupError, MlflowException, OSError) as err:
-        sys.exit(f"fashion-sweep-compare: {' '.join(str(err).split())} ({uri})")
+        reason = credentials.server_refusal(err) or " ".join(str(err).split())
+        sys.exit(f"fashion-sweep-compare: {reason} ({store.redacted(uri)})")
     print(markdown(report.table, report.terminal_columns))
     print(f"Report of {parent.info.run_name!r} ({parent.info.run_id}) written to {report.files[0].parent}")
 

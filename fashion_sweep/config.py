@@ -18,6 +18,8 @@ from typing import Any
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
+from fashion_sweep import credentials
+
 SCHEDULES = ("constant", "cosine", "one_cycle")  # optimizers.learning_rate
 AUGMENTS = ("none", "flip_shift")  # pipeline.training_batches
 PRECISIONS = ("auto", "float32", "bfloat16")  # backend.choose_precision
@@ -212,8 +214,21 @@ def check_builds(cfg: DictConfig) -> None:
             raise ConfigError(f"{group}={cfg[group].name} cannot be built from this config: {first_line}") from None
 
 
+def check_no_secret(cfg: DictConfig) -> None:
+    """A password or token in a value (tracking.uri=postgresql://user:PASSWORD@host/db) would be written to the
+    store's params, the run's config.yaml and Hydra's .hydra/ folder: refused, naming where it belongs instead."""
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)  # ${oc.env:...} resolves into the params
+    except Exception:  # an interpolation that does not resolve: check_keys and the run name it
+        container = OmegaConf.to_container(cfg, resolve=False)
+    if refusal := credentials.first_secret(leaves(container)):
+        raise ConfigError(refusal)
+
+
 def validate(cfg: DictConfig, choices: Mapping[str, Any], build: bool = True) -> None:
-    """Raise ConfigError for the first key that breaks a rule: unknown, not finite, out of range, not buildable."""
+    """Raise ConfigError for the first key that breaks a rule: carries a secret, unknown, not finite, out of range,
+    not buildable."""
+    check_no_secret(cfg)
     check_keys(cfg, choices)
     check_finite(cfg)
     check_rules(cfg)

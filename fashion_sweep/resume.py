@@ -19,7 +19,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fashion_sweep import runs, store
+from fashion_sweep import credentials, runs, store
 
 OVERRIDE = re.compile(r"^[+~]{0,2}[\w./@-]+=")  # key=value as Hydra reads it; a run name has spaces before "="
 PROG = "fashion-sweep-resume"
@@ -69,8 +69,24 @@ def still_alive(client: MlflowClient, run: Run) -> str | None:
     return next((reason for reason in reasons if reason), None)
 
 
-def launch_argv(run: Run, extra: list[str]) -> tuple[list[str], Path]:
-    """The `fashion-sweep` arguments that launched run, with extra Hydra overrides, and the directory to run in."""
+def without_secrets(overrides: list[str], uri: str) -> list[str]:
+    """overrides with a store URI that carries a secret (recorded by an older fashion-sweep, which took one) or a
+    redacted one (***) replaced by uri, the store this resume reads, whose credentials are in the environment."""
+    kept = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if credentials.has_secret(value):
+            print(
+                f"{PROG}: {key} as recorded holds a password; continuing with {uri} (credentials from the environment)"
+            )
+            override = f"{key}={uri}"
+        kept.append(override)
+    return kept
+
+
+def launch_argv(run: Run, extra: list[str], uri: str) -> tuple[list[str], Path]:
+    """The `fashion-sweep` arguments that launched run, with extra Hydra overrides, and the directory to run in.
+    A recorded store URI with a password becomes uri."""
     if runs.LAUNCH_TAG not in run.data.tags:
         raise SystemExit(f"{PROG}: run {run.info.run_id} records no launch (written by an older fashion-sweep)")
     record = json.loads(run.data.tags[runs.LAUNCH_TAG])
@@ -84,7 +100,7 @@ def launch_argv(run: Run, extra: list[str]) -> tuple[list[str], Path]:
     kept = [o for o in record["hydra_overrides"] if key(o) not in replaced]
     flags = ["--multirun"] if runs.is_sweep(run) else []
     cwd = Path(record["cwd"])
-    return [*flags, *record["overrides"], *kept, *extra], cwd if cwd.is_dir() else Path.cwd()
+    return [*flags, *without_secrets(record["overrides"], uri), *kept, *extra], cwd if cwd.is_dir() else Path.cwd()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,15 +118,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     target, extra = split_args(args.args)
 
-    uri = args.tracking_uri or store.default_tracking_uri()
+    uri = credentials.moved_to_environment(args.tracking_uri or store.default_tracking_uri())
     if missing := store.missing_local_store(uri):
         sys.exit(f"{PROG}: {missing}; pass --tracking-uri")
 
     client = MlflowClient(uri)
     try:
         run = find_target(client, target)
+        alive = None if args.force or run is None or runs.is_done(run) else still_alive(client, run)
     except LookupError as err:
         sys.exit(f"{PROG}: {err} ({uri})")
+    except MlflowException as err:
+        sys.exit(f"{PROG}: {credentials.server_refusal(err) or runs.error_summary(err)} ({uri})")
     if run is None:
         print(f"{PROG}: nothing to resume: every run and sweep in {uri} finished")
         return
@@ -120,10 +139,10 @@ def main(argv: list[str] | None = None) -> None:
     if runs.is_done(run):
         print(f"{PROG}: nothing to resume: {what} is {run.info.status}")
         return
-    if not args.force and (reason := still_alive(client, run)):
-        sys.exit(f"{PROG}: not resumed: {reason}; pass --force if you know it is gone")
+    if alive:
+        sys.exit(f"{PROG}: not resumed: {alive}; pass --force if you know it is gone")
 
-    launch, cwd = launch_argv(run, extra)
+    launch, cwd = launch_argv(run, extra, uri)
     print(f"{PROG}: continuing {what} in {cwd}", flush=True)
     os.environ[runs.RESUME_SWEEP_ENV if runs.is_sweep(run) else runs.RESUME_RUN_ENV] = run.info.run_id
     os.chdir(cwd)

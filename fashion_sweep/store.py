@@ -18,6 +18,9 @@ from contextlib import closing
 from pathlib import Path
 from urllib.parse import urlparse
 
+from fashion_sweep import credentials
+from fashion_sweep.credentials import redacted
+
 STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
 DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}  # each server's default port
 SERVER_CHECK_SECONDS = 10  # one bounded request to an MLflow server before any run (MLflow's own retries take minutes)
@@ -67,13 +70,17 @@ def check(uri: str, artifact_location: str | None, experiment: str | None = None
 
 
 def server_get(uri: str, path: str) -> bytes:
-    """One GET to an MLflow server with a short timeout (MLflow's own client retries for minutes)."""
+    """One GET to an MLflow server with a short timeout (MLflow's own client retries for minutes), with the
+    credentials MLflow's client would send."""
+    request = urllib.request.Request(uri.rstrip("/") + path, headers=credentials.request_headers())
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + path, timeout=SERVER_CHECK_SECONDS) as response:
+        with urllib.request.urlopen(request, timeout=SERVER_CHECK_SECONDS) as response:
             return response.read()
     except urllib.error.HTTPError as err:
         if err.code == 404:
             return b""
+        if err.code in (401, 403):
+            raise StoreError(f"tracking.uri={redacted(uri)}: {credentials.refused_credentials(err.code)}") from None
         raise StoreError(f"tracking.uri={redacted(uri)}: the server answered {err.code} to {path}") from None
     except (OSError, urllib.error.URLError) as err:
         reason = getattr(err, "reason", err)
@@ -115,14 +122,6 @@ def database_answers(uri: str, scheme: str) -> None:
         raise StoreError(
             f"tracking.uri={redacted(uri)}: no database answers at {address[0]}:{address[1]} ({reason})"
         ) from None
-
-
-def redacted(uri: str) -> str:
-    """uri with its password, if any, as ***, for messages."""
-    parsed = urlparse(uri)
-    if parsed.password is None:
-        return uri
-    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)).geturl()
 
 
 def check_artifact_root(uri: str, experiment: str) -> None:

@@ -23,8 +23,8 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from fashion_sweep import backend, cli, compare, data, halving, parent, progress, registry, runs
-from fashion_sweep.config import check_builds, check_data_and_store, validate
+from fashion_sweep import backend, cli, compare, credentials, data, halving, parent, progress, registry, runs
+from fashion_sweep.config import ConfigError, check_builds, check_data_and_store, check_no_secret, validate
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,19 @@ class MlflowSweep(Callback):
         self.interrupted = False
         self.registered_model: str | None = None  # tracking.registered_model: where the best model is registered
 
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A single run: a secret in its config is refused before Hydra writes it to .hydra/ (the job checks the
+        rest; a --multirun's jobs are all checked in on_multirun_start)."""
+        if not HydraConfig.initialized():
+            HydraConfig.instance().set_config(config)
+        job = config.copy()
+        with open_dict(job):
+            del job["hydra"]
+        try:
+            check_no_secret(job)
+        except ConfigError as err:
+            raise SystemExit(f"fashion-sweep: {err}") from None
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not HydraConfig.initialized():
             HydraConfig.instance().set_config(config)
@@ -112,7 +125,8 @@ class MlflowSweep(Callback):
         try:
             self.open_parent(config, progress.grid_plan(job_epochs, time.time()))
         except Exception as err:  # Hydra would only warn, and run the jobs ungrouped; atexit ends the parent
-            raise SystemExit(f"fashion-sweep: cannot open the sweep's parent MLflow run: {err}") from None
+            reason = credentials.server_refusal(err) or runs.error_summary(err)
+            raise SystemExit(f"fashion-sweep: cannot open the sweep's parent MLflow run: {reason}") from None
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self.interrupt)
 

@@ -9,9 +9,10 @@ import argparse
 import os
 import sys
 
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fashion_sweep import runs, store
+from fashion_sweep import credentials, runs, store
 
 
 def ui_command(tracking_uri: str, port: int) -> list[str]:
@@ -48,12 +49,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: ./mlruns/mlflow.db)")
     args = parser.parse_args(argv)
-    uri = args.tracking_uri or store.default_tracking_uri()
+    uri = credentials.moved_to_environment(args.tracking_uri or store.default_tracking_uri())
     if missing := store.missing_local_store(uri):
         sys.exit(f"fashion-sweep-ui: {missing}; run `fashion-sweep` first or pass --tracking-uri")
-    print(
-        f"MLflow UI: {landing_page(uri, f'http://127.0.0.1:{args.port}')}  (store {uri}; Ctrl-C stops it)", flush=True
-    )
+    try:
+        page = landing_page(uri, f"http://127.0.0.1:{args.port}")
+    except MlflowException as err:
+        sys.exit(f"fashion-sweep-ui: {credentials.server_refusal(err) or runs.error_summary(err)} ({uri})")
+    print(f"MLflow UI: {page}  (store {store.redacted(uri)}; Ctrl-C stops it)", flush=True)
     command = ui_command(uri, args.port)
     os.execv(command[0], command)  # the UI replaces this process, so Ctrl-C and SIGTERM reach it directly
 

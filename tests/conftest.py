@@ -31,6 +31,7 @@ LONGEST_FIRST = [
     "test_ray.py",  # 72
     "test_structure.py",  # ~70 (2026-12-05)
     "test_sweep.py",  # 65
+    "test_auth.py",  # ~110 (2026-12-05)
     "test_store.py",  # ~45 (2026-12-05)
     "test_compare.py",  # 30
     "test_lr_find.py",  # 26
