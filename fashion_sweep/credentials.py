@@ -16,7 +16,18 @@ from urllib.parse import parse_qsl, urlencode, urlparse
 
 # MLflow's client reads these for every request to a server (mlflow.environment_variables, 3.17).
 USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"
-SECRET_QUERY_WORDS = ("password", "passwd", "pwd", "token", "secret", "signature", "credential", "key")
+# Not bare "key": PostgreSQL's ?sslkey= names a file, not a secret.
+SECRET_QUERY_WORDS = (
+    "password",
+    "passwd",
+    "pwd",
+    "token",
+    "secret",
+    "signature",
+    "credential",
+    "api_key",
+    "access_key",
+)
 
 
 def secret_query_keys(uri: str) -> list[str]:

@@ -219,6 +219,10 @@ def test_the_auth_server_refuses_to_start_without_the_admin_password(tmp_path: P
         ("https://host/api?token=pw", "https://host/api?token=***"),
         ("sqlite:////home/pw/mlflow.db", "sqlite:////home/pw/mlflow.db"),
         ("http://alice@host:5000", "http://alice@host:5000"),
+        (
+            "postgresql://mlflow@db/mlflow?sslkey=/home/a/client.key",
+            "postgresql://mlflow@db/mlflow?sslkey=/home/a/client.key",
+        ),
     ],
 )
 def test_a_secret_in_a_uri_is_found_and_redacted(uri: str, shown: str) -> None:
