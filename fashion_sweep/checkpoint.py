@@ -84,6 +84,17 @@ def restore(model: keras.Model, state: Checkpoint) -> None:
         variable.assign(state.variables[name])
 
 
+def restore_weights(model: keras.Model, state: Checkpoint) -> None:
+    """Assign the checkpoint's model variables (not the optimizer's) to a freshly built model of the same config:
+    enough to predict with, as the run's own model did after that epoch."""
+    targets = {f"model/{v.path}": v for v in model.variables}
+    saved = {name for name in state.variables if name.startswith("model/")}
+    if set(targets) != saved:
+        raise CheckpointError("the checkpoint holds other variables than this model: was the config changed?")
+    for name, variable in targets.items():
+        variable.assign(state.variables[name])
+
+
 def slot(epoch: int) -> str:
     """The artifact path of the checkpoint after epoch: two slots, written in turn."""
     return f"checkpoint/slot-{epoch % 2}.npz"

@@ -39,6 +39,10 @@ BEST_OF_HALVING_IS = (
     "best = lowest validation loss reached in any epoch by a run that reached the last rung; pruned, diverged or"
     " failed runs are never best; val_loss@k = lowest validation loss in epochs 1..k"
 )
+TESTED_ONCE_IS = (
+    "test_accuracy is the selected setting's alone: the sweep chose on validation loss, then met the test set once"
+    " (tracking.test_set=selected)"
+)
 BEST_SETTING_IS = (
     f"one row per setting, mean and std over its finished runs ({SEED} differs); best = lowest mean of the lowest"
     " validation loss in any epoch, among settings whose runs all finished (runs.md: each run)"
@@ -293,6 +297,8 @@ def write_report(client: MlflowClient, parent: Run, out: Path) -> Report:
     more = more_metrics(children)
     rows = rank([summarize(r, histories[r.info.run_id], swept, rungs, more) for r in children])
     table, columns, best, best_is = summary(rows, swept, rungs, more)
+    if parent.data.tags.get(runs.TEST_SET_TAG) == "selected":
+        best_is = f"{best_is}; {TESTED_ONCE_IS}"
 
     out.mkdir(parents=True, exist_ok=True)
     title = f"# Sweep {parent.info.run_name} ({parent.info.run_id})\n\n{len(rows)} runs"
@@ -316,14 +322,20 @@ def write_report(client: MlflowClient, parent: Run, out: Path) -> Report:
     return Report(rows=rows, swept=swept, best=best, files=files, table=table, columns=columns, best_is=best_is)
 
 
+def selected_run_ids(report: Report) -> list[str]:
+    """The runs of the best row: the best run, or every finished run of the best setting (its seed replicates)."""
+    if report.best is None:
+        return []
+    if "run_id" in report.best:
+        return [report.best["run_id"]]
+    keys = [k for k in report.swept if k != SEED]
+    return [r["run_id"] for r in report.rows if r["status"] == "FINISHED" and all(r[k] == report.best[k] for k in keys)]
+
+
 def best_run_id(report: Report) -> str | None:
     """The run of the best row; for a best setting (seed replicates), its run with the lowest best_val_loss."""
-    if report.best is None:
-        return None
-    if "run_id" in report.best:
-        return report.best["run_id"]
-    keys = [k for k in report.swept if k != SEED]
-    same = [r for r in report.rows if r["status"] == "FINISHED" and all(r[k] == report.best[k] for k in keys)]
+    selected = set(selected_run_ids(report))
+    same = [r for r in report.rows if r["run_id"] in selected]
     return min(same, key=lambda r: r["best_val_loss"])["run_id"] if same else None
 
 

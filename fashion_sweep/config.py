@@ -23,6 +23,7 @@ from fashion_sweep import credentials
 SCHEDULES = ("constant", "cosine", "one_cycle")  # optimizers.learning_rate
 AUGMENTS = ("none", "flip_shift")  # pipeline.training_batches
 PRECISIONS = ("auto", "float32", "bfloat16")  # backend.choose_precision
+TEST_SETS = ("selected", "all", "none")  # scoring.scored_in_job: who meets the test set
 TASKS = ("train", "lr_find")  # what a job does: train.train or lr_find.lr_find (cli.py)
 GROUPS = ("data", "model", "optimizer", "trainer", "tracking", "lr_find")  # groups whose options are plain YAML schemas
 
@@ -87,6 +88,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.max_shift", lambda v: _whole(v) and 0 <= v <= 14, "a whole number of pixels in 0..14"),
     ("trainer.precision", lambda v: v in PRECISIONS, f"one of {list(PRECISIONS)}"),
     ("trainer.label_smoothing", _rate, "a number in [0, 1)"),
+    ("tracking.test_set", lambda v: v in TEST_SETS, f"one of {list(TEST_SETS)}"),
     ("trainer.verbose", lambda v: v in (0, 1, 2) and not isinstance(v, bool), "0, 1 or 2 (Keras' fit verbosity)"),
     # MLflow 3.17's SQL stores keep 256 characters of an experiment's name and 250 of a run's (its parent is named
     # "<sweep_name> <date time> #k"): longer names fail in the store, after it was created.

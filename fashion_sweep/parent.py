@@ -8,16 +8,21 @@ the halving sweeper (halving.py) and each job's progress callback write through 
 from __future__ import annotations
 
 import logging
+import math
+import statistics
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import RunTag
+from mlflow.entities import Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from fashion_sweep import progress, runs
 
 log = logging.getLogger(__name__)
+
+FIGURES = ("confusion_matrix.png", "misclassified.png")  # a scored run's test figures, copied to its sweep's parent
 
 
 def open_new(client: MlflowClient, experiment_id: str, name: str, sweep_yaml: str) -> str:
@@ -45,8 +50,9 @@ def reopen(client: MlflowClient, run_id: str) -> None:
     client.update_run(run_id, status="RUNNING")
 
 
-def record_start(client: MlflowClient, run_id: str, launch: str, plan: progress.Plan) -> None:
-    """What a (re)started sweep records before its first job: how to launch it again, its plan, who runs it.
+def record_start(client: MlflowClient, run_id: str, launch: str, plan: progress.Plan, test_set: str) -> None:
+    """What a (re)started sweep records before its first job: how to launch it again, its plan, who runs it, who
+    meets the test set (tracking.test_set; a resumed sweep keeps what it began with).
 
     `progress` exists before any job runs, so jobs only update it: two jobs creating it at once (joblib) made one
     of them fail on SQLite's unique (key, run) constraint (mlflow 3.17).
@@ -54,6 +60,7 @@ def record_start(client: MlflowClient, run_id: str, launch: str, plan: progress.
     tags = {runs.SWEEP_ID_TAG: run_id, runs.LAUNCH_TAG: launch, progress.PLAN_TAG: plan.to_json(),
             progress.PROGRESS_TAG: "starting", runs.NOTE_TAG: running_note("starting"),
             **runs.process_tags()}  # fmt: skip
+    tags[runs.TEST_SET_TAG] = client.get_run(run_id).data.tags.get(runs.TEST_SET_TAG, test_set)
     client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
 
 
@@ -113,7 +120,29 @@ def record_report(client: MlflowClient, run_id: str, files: list[Path], best: di
         client.log_param(run_id, "best_lr", best[lr_key])
     client.log_metric(run_id, "best_lr", float(best[lr_key]))
     client.log_metric(run_id, "best_val_loss", best["best_val_loss"])
-    client.log_metric(run_id, "best_test_accuracy", best["test_accuracy"])
+    if math.isfinite(best["test_accuracy"]):  # not with tracking.test_set=none
+        client.log_metric(run_id, "best_test_accuracy", best["test_accuracy"])
+
+
+def record_test(client: MlflowClient, run_id: str, selected: list[Run], figures_from: str | None) -> None:
+    """The test scores of the sweep's selected runs on the parent: test_accuracy and test_loss (means over its seed
+    replicates, if several) and the confusion matrix and misclassified images of figures_from (the best of them)."""
+    scored = [run for run in selected if "test_accuracy" in run.data.metrics]
+    if not scored:
+        return
+    for name in ("test_accuracy", "test_loss"):
+        values = [run.data.metrics[name] for run in scored if name in run.data.metrics]
+        if values:
+            client.log_metric(run_id, name, statistics.mean(values))
+    if figures_from is None:
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        for name in FIGURES:
+            try:
+                path = client.download_artifacts(figures_from, name, folder)
+            except (MlflowException, OSError):
+                continue  # a run scored by an older fashion-sweep without this figure
+            client.log_artifact(run_id, path)
 
 
 def record_description(client: MlflowClient, run_id: str, markdown: str) -> None:

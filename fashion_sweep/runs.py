@@ -45,6 +45,7 @@ PRUNED_TAG = "pruned"  # "true" on a halving child that stopped at a rung (it en
 PRUNED_AT_TAG = "pruned_at_epoch"  # the rung's epoch
 HALVING_RUNGS_TAG = "halving_rungs"  # a halving sweep's rung epochs, "1,3,10", on the parent
 ERROR_TAG = "error"  # a FAILED run's error, one line
+TEST_SET_TAG = "test_set"  # a sweep's tracking.test_set, on its parent: who meets the test set (scoring.py)
 TASK_TAG = "task"  # "lr_find" on an LR range test (never resumed)
 NOTE_TAG = "mlflow.note.content"  # a run's description on its page in the MLflow UI (Markdown)
 # MLflow 3.17's UI opens an experiment in its GenAI mode unless the experiment is tagged a model-training one (the

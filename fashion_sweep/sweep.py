@@ -104,6 +104,7 @@ class MlflowSweep(Callback):
         self.report_dir = Path()
         self.interrupted = False
         self.registered_model: str | None = None  # tracking.registered_model: where the best model is registered
+        self.test_set = "selected"  # tracking.test_set: who meets the test set
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         """A single run: a secret in its config is refused before Hydra writes it to .hydra/ (the job checks the
@@ -139,6 +140,7 @@ class MlflowSweep(Callback):
         experiment_id = runs.connect(config.tracking)
         self.uri = str(config.tracking.uri)
         self.registered_model = config.tracking.get("registered_model")
+        self.test_set = str(config.tracking.get("test_set", "selected"))
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
         self.report_dir = sweep_dir / "report"
         client = MlflowClient(self.uri)
@@ -152,7 +154,7 @@ class MlflowSweep(Callback):
             self.parent_run_id = parent.open_new(client, experiment_id, name, OmegaConf.to_yaml(sweep))
         atexit.register(self.finish, completed=False)
         launch = runs.launch_record(config.hydra.runtime.cwd, overrides.task, overrides.hydra, sweep_dir=str(sweep_dir))
-        parent.record_start(client, self.parent_run_id, launch, plan)
+        parent.record_start(client, self.parent_run_id, launch, plan, self.test_set)
         os.environ[runs.PARENT_RUN_ENV] = self.parent_run_id  # for this process (the halving sweeper)
         # Every job gets it through its own config, whichever launcher runs it: load_sweep_config composes each
         # job from these Hydra overrides (hydra-core 1.3.8), and Ray's workers do not inherit this environment.
@@ -181,6 +183,8 @@ class MlflowSweep(Callback):
             parent_run = client.get_run(run_id)
             report = compare.write_report(client, parent_run, self.report_dir)
             status = sweep_status([row["status"] for row in report.rows], completed, self.interrupted)
+            if status == "FINISHED":
+                report = self.score_selected(client, parent_run, report)
             version = self.register_best(client, parent_run, report) if status == "FINISHED" else None
             page = runs.ui_address(runs.ui_base(self.uri), parent_run.info.experiment_id, run_id)
             parent.record_report(client, run_id, report.files, report.best, compare.LR)
@@ -194,6 +198,25 @@ class MlflowSweep(Callback):
         finally:
             parent.finish(client, run_id, status, time.time() - client.get_run(run_id).info.start_time / 1000)
         return True
+
+    def score_selected(self, client: MlflowClient, parent_run: Run, report: compare.Report) -> compare.Report:
+        """Once the sweep has chosen on validation: score its selected runs on the test set if their jobs left that
+        to it (tracking.test_set=selected; once: a resumed sweep scores only what is missing), record their scores
+        on the parent, and return the report, rewritten if anything was scored."""
+        selected = [client.get_run(run_id) for run_id in compare.selected_run_ids(report)]
+        unscored = [run for run in selected if "test_accuracy" not in run.data.metrics]
+        if unscored and self.test_set == "selected":
+            from fashion_sweep import scoring  # TensorFlow: imported only when there is something to score
+
+            for run in unscored:
+                scores = scoring.score_run(client, run)
+                log.info(
+                    "Test set scored once, for the selected run %s: accuracy %.4f", run.info.run_id, scores.accuracy
+                )
+            report = compare.write_report(client, parent_run, self.report_dir)
+            selected = [client.get_run(run_id) for run_id in compare.selected_run_ids(report)]
+        parent.record_test(client, parent_run.info.run_id, selected, compare.best_run_id(report))
+        return report
 
     def register_best(self, client: MlflowClient, parent_run: Run, report: compare.Report) -> str | None:
         """The best run's model as a new version of tracking.registered_model ("<name>/<version>"), if set."""

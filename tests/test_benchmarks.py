@@ -56,6 +56,8 @@ def test_benchmarks_run_in_their_smallest_setting_and_write_results(tmp_path: Pa
     assert [r["jobs"] for r in results["sweep_scaling"]] == [1, 2]
     assert all(r["dataset_decodes"] == 1 for r in results["sweep_scaling"])  # once per process, not per job
     assert all(r["per_job_overhead_seconds"] > 0 for r in results["sweep_scaling"])
+    assert all(r["scored_runs"] == 1 and r["test_set_seconds"] > 0 for r in results["sweep_scaling"])  # once a sweep
+    assert all(r["after_last_job_seconds"] > r["test_set_seconds"] for r in results["sweep_scaling"])
     one, two = results["sweep_scaling"]
     assert one["later_jobs_overhead_seconds"] is None and two["later_jobs_overhead_seconds"] > 0
     assert two["per_job_overhead_seconds"] * 2 == pytest.approx(

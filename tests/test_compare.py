@@ -14,6 +14,8 @@ from fashion_sweep.compare import (
     COLUMNS,
     LR,
     SEED,
+    Report,
+    best_run_id,
     best_setting,
     halving_rungs,
     lowest,
@@ -22,6 +24,7 @@ from fashion_sweep.compare import (
     pruned_points,
     rank,
     run_columns,
+    selected_run_ids,
     settings,
     status_summary,
     summary,
@@ -70,6 +73,18 @@ def test_best_setting_is_the_lowest_mean_and_never_one_with_a_diverged_run() -> 
     best = best_setting(table)
     assert best is not None and best[LR] == "0.003"
     assert best["best_val_loss"] == pytest.approx(0.45) and best["test_accuracy"] == pytest.approx(0.8)
+
+
+def test_the_selected_runs_are_the_best_run_or_the_finished_replicates_of_the_best_setting() -> None:
+    rows = rank([run("0.001", "1", 0.4), run("0.001", "2", 0.3), run("0.01", "1", 0.2), run("0.01", "2", 0.9)])
+    table, columns, best, best_is = summary(rows, [LR, SEED], [])
+    report = Report(rows, [LR, SEED], best, [], table, columns, best_is)
+    assert best is not None and best[LR] == "0.001"  # mean 0.35 against 0.55
+    assert sorted(selected_run_ids(report)) == ["0.001-1", "0.001-2"] and best_run_id(report) == "0.001-2"
+    table, columns, best, best_is = summary(rows, [LR], [])  # one run per row: the best run alone
+    report = Report(rows, [LR], best, [], table, columns, best_is)
+    assert selected_run_ids(report) == ["0.01-1"] == [best_run_id(report)]
+    assert selected_run_ids(Report([], [LR], None, [], [], [], "")) == []
 
 
 def test_a_setting_with_fewer_than_two_finished_runs_has_no_std_and_none_finished_no_best() -> None:
@@ -212,9 +227,13 @@ def test_seed_replicates_sweep_reports_mean_and_std_per_lr(tmp_path: Path) -> No
     assert sorted(s[LR] for s in settings_rows) == ["0.001", "0.003"]
     for setting in settings_rows:
         assert (setting["n"], setting["n_finished"], setting["status"]) == ("3", "3", "FINISHED")
-        stats = [float(setting[c]) for c in ("best_val_loss_mean", "best_val_loss_std", "test_accuracy_mean",
-                                             "test_accuracy_std")]  # fmt: skip
-        assert all(math.isfinite(v) for v in stats)
+        assert all(math.isfinite(float(setting[c])) for c in ("best_val_loss_mean", "best_val_loss_std"))
+    selected, other = settings_rows  # the test set: each replicate of the selected setting, the others none
+    assert all(math.isfinite(float(selected[c])) for c in ("test_accuracy_mean", "test_accuracy_std"))
+    assert all(math.isnan(float(other[c])) for c in ("test_accuracy_mean", "test_accuracy_std"))
+    scored = [r for r in all_runs(tmp_path) if "test_accuracy" in r.data.metrics and "trainer.seed" in r.data.params]
+    assert sorted(r.data.params["trainer.seed"] for r in scored) == ["1", "2", "3"]
+    assert {r.data.params[LR] for r in scored} == {selected[LR]}
     assert len(read_csv(report / "runs.csv")) == 6
     (parent,) = [r for r in all_runs(tmp_path) if r.data.tags.get("sweep_role") == "parent"]
     assert parent.data.params["best_lr"] == settings_rows[0][LR]
@@ -223,6 +242,8 @@ def test_seed_replicates_sweep_reports_mean_and_std_per_lr(tmp_path: Path) -> No
     client = MlflowClient(store_uri(tmp_path / "mlruns"))
     assert {"runs.csv", "runs.md", "summary.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "| optimizer.lr | n | n_finished | best_val_loss_mean |" in proc.stdout
+    mean = statistics.mean(r.data.metrics["test_accuracy"] for r in scored)
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(mean) == float(selected["test_accuracy_mean"])
 
 
 def test_a_sweep_name_several_sweeps_share_is_answered_with_the_matches(tmp_path: Path) -> None:

@@ -139,6 +139,7 @@ def test_optimizer_sweep_crosses_the_rates_with_three_optimizers() -> None:
         ("optimizer=sgd optimizer.nesterov=maybe", r"optimizer.nesterov='maybe' is not allowed: expected true or"),
         ("trainer.verbose=5", r"trainer.verbose=5 is not allowed: expected 0, 1 or 2"),
         ("tracking.experiment=", r"tracking.experiment='' is not allowed: expected an experiment name"),
+        ("tracking.test_set=best", r"tracking.test_set='best' is not allowed: expected one of \['selected', 'all',"),
     ],
 )
 def test_out_of_range_values_are_refused_naming_key_and_value(override: str, message: str) -> None:

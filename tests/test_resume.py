@@ -128,6 +128,26 @@ def test_sweep_sigkilled_in_its_second_job_resumes_where_it_stopped(tmp_path: Pa
         assert steps(tmp_path, job) == {m: [1, 2, 3] for m in EPOCH_METRICS}
     assert (tmp_path / "multirun" / "report" / "summary.csv").is_file()
     assert "best_lr" in resumed.data.params and not any(r.info.status == "RUNNING" for r in all_runs(tmp_path))
+    (tested,) = [job for job in jobs.values() if "test_accuracy" in job.data.metrics]  # the selected one, once
+    assert tested.data.params["optimizer.lr"] == resumed.data.params["best_lr"]
+
+
+def test_a_sweep_killed_between_its_last_job_and_scoring_scores_the_selected_run_once_on_resume(tmp_path) -> None:
+    two_jobs = ["--multirun", "optimizer.lr=0.001,0.003", "data.train_size=1000", "trainer.epochs=1"]
+    stop_after(launch(tmp_path, *two_jobs), "finished (lowest validation loss", 2, signal.SIGKILL)  # 2nd run ended
+    parent, jobs = sweep_runs(tmp_path)
+    assert parent.info.status == "RUNNING" and {job.info.status for job in jobs.values()} == {"FINISHED"}
+    assert not any("test_accuracy" in job.data.metrics for job in jobs.values())  # killed before the sweep scored
+
+    proc = resume(tmp_path, parent.info.run_id)
+    assert proc.returncode == 0, proc.stderr
+    assert (proc.stdout + proc.stderr).count("Test set scored once, for the selected run") == 1
+    resumed, jobs = sweep_runs(tmp_path)
+    assert resumed.info.status == "FINISHED" and "test_accuracy" in resumed.data.metrics
+    (tested,) = [job for job in jobs.values() if "test_accuracy" in job.data.metrics]
+    assert tested.data.params["optimizer.lr"] == resumed.data.params["best_lr"]
+    assert len(history(tmp_path, tested, "test_accuracy")) == 1
+    assert resumed.data.metrics["test_accuracy"] == tested.data.metrics["test_accuracy"]
 
 
 @pytest.mark.slow

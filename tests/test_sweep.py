@@ -13,11 +13,15 @@ import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from fashion_sweep.compare import LR, lr_series, rank, swept_keys
+from fashion_sweep.compare import LR, TESTED_ONCE_IS, lr_series, rank, swept_keys
+from fashion_sweep.config import TEST_SETS
 from fashion_sweep.sweep import sweep_status
 from tests.conftest import BIN, QUICK, all_runs, fashion_sweep, interruptible, run_script, store_uri
 
+NOTE = "mlflow.note.content"
 REPORT = ["lr_effect.png", "summary.csv", "summary.md", "val_curves.png"]
+TEST_FIGURES = ["confusion_matrix.png", "misclassified.png"]
+TEST_METRICS = {"test_accuracy", "test_loss", "test_seconds"}
 
 
 def parent_and_children(tmp: Path) -> tuple[Run, list[Run]]:
@@ -52,7 +56,8 @@ def test_parent_holds_the_report_and_the_best_lr(lr_sweep) -> None:
     tmp, proc = lr_sweep
     parent, children = parent_and_children(tmp)
     client = MlflowClient(store_uri(tmp / "mlruns"))
-    assert sorted(a.path for a in client.list_artifacts(parent.info.run_id)) == sorted(REPORT + ["sweep.yaml"])
+    files = sorted(a.path for a in client.list_artifacts(parent.info.run_id))
+    assert files == sorted([*REPORT, *TEST_FIGURES, "sweep.yaml"])
     lowest = {c.data.params["optimizer.lr"]: min(p.value for p in client.get_metric_history(c.info.run_id, "val_loss"))
               for c in children}  # fmt: skip
     best_lr = min(lowest, key=lambda lr: lowest[lr])
@@ -62,6 +67,62 @@ def test_parent_holds_the_report_and_the_best_lr(lr_sweep) -> None:
     best_child = next(c for c in children if c.data.params["optimizer.lr"] == best_lr)
     assert parent.data.metrics["best_test_accuracy"] == best_child.data.metrics["test_accuracy"]
     assert "| optimizer.lr | best_val_loss |" in proc.stdout  # the table, printed in the terminal too
+
+
+def scored(client: MlflowClient, run: Run) -> bool:
+    """Whether run met the test set: its test metrics and figures, all of them or none (asserted)."""
+    figures = {a.path for a in client.list_artifacts(run.info.run_id)} & set(TEST_FIGURES)
+    metrics = TEST_METRICS & set(run.data.metrics)
+    assert (figures, metrics) in [(set(), set()), (set(TEST_FIGURES), TEST_METRICS)], run.info.run_id
+    return bool(metrics)
+
+
+def test_a_sweep_meets_the_test_set_once_for_the_run_it_selected_on_validation(lr_sweep) -> None:
+    tmp, proc = lr_sweep
+    parent, children = parent_and_children(tmp)
+    client = MlflowClient(store_uri(tmp / "mlruns"))
+    (selected,) = [child for child in children if scored(client, child)]
+    assert selected.data.params["optimizer.lr"] == parent.data.params["best_lr"]  # chosen on val_loss, then scored
+    assert len(client.get_metric_history(selected.info.run_id, "test_accuracy")) == 1
+    assert "selected by its sweep on validation loss, then scored: test accuracy" in selected.data.tags[NOTE]
+    others = [child for child in children if child is not selected]
+    assert all("the test set is scored once, for the setting the sweep selects" in c.data.tags[NOTE] for c in others)
+    for name in ("test_accuracy", "test_loss"):  # the parent holds the selected run's scores and figures
+        assert parent.data.metrics[name] == selected.data.metrics[name]
+    parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert set(TEST_FIGURES) <= parent_files
+    assert parent.data.tags["test_set"] == "selected"
+    assert (proc.stdout + proc.stderr).count("Test set scored once, for the selected run") == 1
+    summary = (tmp / "multirun" / "report" / "summary.md").read_text()
+    assert TESTED_ONCE_IS in summary and TESTED_ONCE_IS in proc.stdout  # the report says why one row has a score
+    rows = read_csv(tmp / "multirun" / "report" / "summary.csv")
+    assert [r["test_accuracy"] != "nan" for r in rows] == [True, False, False]  # best first
+
+
+def test_test_set_all_scores_every_job_as_the_sweep_scores_its_selected_one(tmp_path: Path, lr_sweep) -> None:
+    proc = fashion_sweep(tmp_path, "-m", "optimizer.lr=0.0003,0.001,0.003", *QUICK, "tracking.log_model=false",
+                         "tracking.test_set=all")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    parent, children = parent_and_children(tmp_path)
+    client = MlflowClient(store_uri(tmp_path / "mlruns"))
+    assert all(scored(client, child) for child in children) and "Test set scored once" not in proc.stdout + proc.stderr
+    assert TESTED_ONCE_IS not in (tmp_path / "multirun" / "report" / "summary.md").read_text()
+    _, before = parent_and_children(lr_sweep[0])
+    (selected,) = [c for c in before if "test_accuracy" in c.data.metrics]
+    same = next(c for c in children if c.data.params["optimizer.lr"] == selected.data.params["optimizer.lr"])
+    # scored in its job or afterwards from its last checkpoint: the same network and weights, the same predictions
+    assert same.data.metrics["test_accuracy"] == selected.data.metrics["test_accuracy"]
+    assert same.data.metrics["test_loss"] == pytest.approx(selected.data.metrics["test_loss"], rel=1e-6)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["test_accuracy"] == same.data.metrics["test_accuracy"]
+
+
+def test_who_meets_the_test_set_in_its_job() -> None:
+    from fashion_sweep.scoring import scored_in_job
+
+    in_job = {(test_set, in_sweep): scored_in_job(test_set, in_sweep) for test_set in TEST_SETS for in_sweep in (0, 1)}
+    assert in_job == {("selected", 0): True, ("selected", 1): False, ("all", 0): True, ("all", 1): True,
+                      ("none", 0): False, ("none", 1): False}  # fmt: skip
 
 
 def test_report_table_has_a_row_per_run_best_first(lr_sweep) -> None:
