@@ -26,6 +26,24 @@ from fashion_sweep import hydra_internals, parent, progress, runs
 
 log = logging.getLogger(__name__)
 
+# Models paused at a rung in this process, by job key (runs.job_key): a survivor goes on with its model as it was
+# at the rung, not rebuilt from its checkpoint and traced again (~1 s per launch). Only where the jobs run in the
+# sweeper's own process (the basic launcher), which drops a job's model when it prunes the job, and all at the end.
+kept_models: dict[str, tuple[int, Any]] = {}
+keeping = False  # set by sweep() for its basic launcher
+
+
+def keep_model(key: str, epoch: int, model: Any) -> None:
+    """A job paused after epoch: its model stays in memory for its next rung (if the sweep runs its jobs here)."""
+    if keeping:
+        kept_models[key] = (epoch, model)
+
+
+def kept_model(key: str, epoch: int) -> Any | None:
+    """The model the job paused with at this epoch in this process, taken out; None if there is none."""
+    epoch_kept, model = kept_models.pop(key, (None, None))
+    return model if epoch_kept == epoch else None
+
 
 def rungs(epochs: int, min_epochs: int, eta: int) -> list[int]:
     """The epochs at which jobs are compared: min_epochs, x eta, x eta^2, ... while a rung leaves at least a
@@ -79,6 +97,17 @@ def stages(n: int, before: int, schedule: list[int], eta: int) -> list[tuple[int
 def sweep(launcher: Launcher, config: DictConfig, params: dict | None, arguments: list[str], eta: int, min_epochs: int):
     """Run the rungs: every job up to the first rung's epoch, then the best 1/eta of them to the next, and so on;
     the rest are pruned (their runs end FINISHED, tagged pruned and pruned_at_epoch). Returns Hydra's JobReturns."""
+    global keeping
+    keeping = str(config.hydra.launcher._target_).endswith(".BasicLauncher")
+    try:
+        return run_rungs(launcher, config, params, arguments, eta, min_epochs)
+    finally:
+        keeping = False
+        kept_models.clear()
+
+
+def run_rungs(launcher: Launcher, config: DictConfig, params: dict | None, arguments: list[str], eta: int,
+              min_epochs: int):  # fmt: skip
     jobs = expand(params, arguments)
     epochs = int(config.trainer.epochs)
     check_plan(jobs, eta, min_epochs, epochs)
@@ -106,8 +135,11 @@ def sweep(launcher: Launcher, config: DictConfig, params: dict | None, arguments
         returns.append(results)
         values = [float(result.return_value) for result in results]  # re-raises a failed job's error
         keep = [] if stop == epochs else survivors(values, eta)
+        pruned = [jobs[active[i]] for i in range(len(active)) if i not in keep]
+        for overrides in pruned:
+            kept_models.pop(runs.job_key(overrides), None)
         if stop < epochs and parent_run_id:
-            parent.prune(client, parent_run_id, [jobs[active[i]] for i in range(len(active)) if i not in keep], stop)
+            parent.prune(client, parent_run_id, pruned, stop)
         active, before = [active[i] for i in keep], stop
         if not active:
             return returns

@@ -22,6 +22,7 @@ from fashion_sweep import (
     checkpoint,
     continuation,
     data,
+    halving,
     pipeline,
     plots,
     registry,
@@ -92,12 +93,17 @@ def fit_and_record(
 
     batch_size, smoothing, stop = cfg.trainer.batch_size, cfg.trainer.label_smoothing, job.stop_epoch
     steps_per_epoch = math.ceil(len(split.y_train) / batch_size)
-    model = build_model(cfg.model)
-    optimizer = build_optimizer(cfg.optimizer, total_steps=cfg.trainer.epochs * steps_per_epoch)
-    model.compile(optimizer=optimizer, loss=pipeline.training_loss(smoothing), metrics=METRICS)
     state = start.state
-    if state is not None:
-        checkpoint.restore(model, state)
+    key = runs.job_key(job.overrides)
+    model = halving.kept_model(key, state.epoch) if state else None  # paused at the last rung in this process
+    if model is None:
+        model = build_model(cfg.model)
+        optimizer = build_optimizer(cfg.optimizer, total_steps=cfg.trainer.epochs * steps_per_epoch)
+        model.compile(optimizer=optimizer, loss=pipeline.training_loss(smoothing), metrics=METRICS)
+        if state is not None:
+            checkpoint.restore(model, state)
+    elif state:
+        log.info("%s: goes on with its model kept in memory since epoch %d", run_name(cfg), state.epoch)
     first_epoch = state.epoch if state else 0
 
     guard = callbacks.DivergenceGuard(cfg.trainer.diverge_loss)
@@ -128,6 +134,7 @@ def fit_and_record(
     if stop < cfg.trainer.epochs:
         mlflow.set_tag(runs.NOTE_TAG, f"Paused after epoch {stop} (a rung of a halving sweep); best val_loss so far "
                                       f"{best:.4f}, at epoch {at}.")  # fmt: skip
+        halving.keep_model(key, stop, model)
         raise runs.Paused(stop, best)
 
     in_sweep = job.parent_run_id is not None

@@ -104,6 +104,20 @@ def test_halving_prunes_and_continues_survivors_in_their_own_runs(halved) -> Non
     check_halved(tmp)
     assert "Halving rung 2/2: 2 jobs from epoch 1 up to epoch 3" in proc.stdout
     assert sorted(p.name for p in (tmp / "multirun").iterdir() if p.name.isdigit()) == list("012345")
+    assert proc.stdout.count("goes on with its model kept in memory since epoch 1") == 2  # not rebuilt, not retraced
+
+
+def same_training(tmp: Path, other: Path) -> None:
+    """The survivors of two halving sweeps of HALVING trained alike, epoch by epoch, to the last bit."""
+    histories = []
+    for folder in (tmp, other):
+        client, (_, jobs) = MlflowClient(store_uri(folder / "mlruns")), sweep_runs(folder)
+        histories.append({(lr, name): [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)]
+                          for lr, run in jobs.items() for name in ("loss", "val_loss", "val_accuracy")})  # fmt: skip
+    mine, theirs = histories
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        assert sorted(mine[key]) == sorted(theirs[key]), key
 
 
 def test_the_report_compares_all_runs_at_each_rung_and_ranks_the_pruned_after(halved) -> None:
@@ -116,12 +130,14 @@ def test_the_report_compares_all_runs_at_each_rung_and_ranks_the_pruned_after(ha
     assert "val_loss@1 | val_loss@3" in proc.stdout  # the table printed at the end
 
 
-def test_halving_under_joblib_into_a_new_store(tmp_path: Path) -> None:
+def test_halving_under_joblib_into_a_new_store(tmp_path: Path, halved) -> None:
     assert not (tmp_path / "mlruns").exists()  # two workers meet a new SQLite store: nothing may be lost
     joblib = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     proc = fashion_sweep(tmp_path, *HALVING, *joblib, "trainer.verbose=0", "tracking.log_model=false")
     assert proc.returncode == 0, proc.stderr
     check_halved(tmp_path)
+    assert "kept in memory" not in proc.stdout  # workers restore from the checkpoint ...
+    same_training(tmp_path, halved[0])  # ... and train on exactly as a survivor that kept its model in the sweeper
 
 
 def test_halving_sweep_killed_in_its_second_rung_resumes_there(tmp_path: Path) -> None:
