@@ -4,7 +4,8 @@ Runs the real console script three ways, one after the other on the same machine
 its own experiment of one scratch store: the grid (every rate all epochs), the same sweep with successive
 halving, and the LR range test. Reports each one's wall time as a fraction of the grid's and whether its answer
 agrees: halving must pick the grid's best rate, lr_find's suggestion must lie within a factor of 10 of it.
-`python -m benchmarks.halving [--train-size N] [--epochs E] [--out DIR]`; writes <date>-halving-<slice>.md.
+`python -m benchmarks.halving [--train-size N] [--epochs E] [--out DIR] [OVERRIDE ...]`; writes
+<date>-halving-<slice>.md (OVERRIDEs go to every run, e.g. trainer.precision=float32).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import tempfile
 from datetime import date
 from pathlib import Path
@@ -79,12 +81,15 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=None, help="images before the split (default: all)")
     parser.add_argument("--epochs", type=int, default=10, help="trainer.epochs of the sweeps (lr_sweep's 10)")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for the results")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. trainer.precision=float32")
     args = parser.parse_args()
 
-    overrides = [f"trainer.epochs={args.epochs}", "tracking.log_model=false"]
+    overrides = [f"trainer.epochs={args.epochs}", "tracking.log_model=false", *args.overrides]
     if args.train_size:
         overrides.append(f"data.train_size={args.train_size}")
-    settings = {"train_size": args.train_size or "all", "epochs": args.epochs}
+    settings = {"train_size": args.train_size or "all", "epochs": args.epochs, "overrides": args.overrides}
+    if isa := os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        settings["ONEDNN_MAX_CPU_ISA"] = isa  # oneDNN's kernels capped at this ISA
     cpu = announced_machine()
     with tempfile.TemporaryDirectory() as folder:
         rows = compare_methods(Harness(Path(folder)), overrides)
