@@ -64,14 +64,15 @@ def score(model: keras.Model, split: data.Split, batch_size: int) -> Scores:
 
 
 def log_scores(client: MlflowClient, run_id: str, scores: Scores, split: data.Split) -> None:
-    """The test metrics and the two figures drawn from the predictions, on run_id (active or not)."""
-    now = int(time.time() * 1000)
-    values = {"test_loss": scores.loss, "test_accuracy": scores.accuracy, "test_seconds": scores.seconds}
-    client.log_batch(run_id, metrics=[Metric(key, value, now, 0) for key, value in values.items()])
+    """The two figures drawn from the predictions, then the test metrics, on run_id (active or not): a run with
+    test_accuracy is scored whole (a sweep stopped in between scores it again on resume)."""
     confusion = plots.confusion_matrix(split.y_test, scores.predicted, data.CLASS_NAMES)
     client.log_figure(run_id, confusion, "confusion_matrix.png")
     wrong = plots.misclassified(split.x_test, split.y_test, scores.predicted, data.CLASS_NAMES)
     client.log_figure(run_id, wrong, "misclassified.png")
+    now = int(time.time() * 1000)
+    values = {"test_loss": scores.loss, "test_accuracy": scores.accuracy, "test_seconds": scores.seconds}
+    client.log_batch(run_id, metrics=[Metric(key, value, now, 0) for key, value in values.items()])
 
 
 def score_run(client: MlflowClient, run: Run) -> Scores:

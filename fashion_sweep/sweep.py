@@ -182,9 +182,10 @@ class MlflowSweep(Callback):
             parent.end_orphans(client, run_id)
             parent_run = client.get_run(run_id)
             report = compare.write_report(client, parent_run, self.report_dir)
-            status = sweep_status([row["status"] for row in report.rows], completed, self.interrupted)
-            if status == "FINISHED":
+            ended = sweep_status([row["status"] for row in report.rows], completed, self.interrupted)
+            if ended == "FINISHED":  # stopped while scoring, the sweep stays unfinished: a resume scores it
                 report = self.score_selected(client, parent_run, report)
+            status = ended
             version = self.register_best(client, parent_run, report) if status == "FINISHED" else None
             page = runs.ui_address(runs.ui_base(self.uri), parent_run.info.experiment_id, run_id)
             parent.record_report(client, run_id, report.files, report.best, compare.LR)
@@ -192,6 +193,9 @@ class MlflowSweep(Callback):
             self.print_report(report, run_id, page)
             if status != "FINISHED":
                 print(f"Continue this sweep with: fashion-sweep-resume {run_id}")
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
         except Exception as err:
             print(f"fashion-sweep: the sweep's report could not be written: {err}", file=sys.stderr)
             return False
