@@ -38,9 +38,14 @@ class Checkpoint:
     variables: dict[str, np.ndarray]  # "model/<path>" and "optimizer/<path>" -> value
 
 
+def model_variables(model: keras.Model) -> dict[str, keras.Variable]:
+    """The model's own variables (weights, non-trainable state), by their name in a checkpoint."""
+    return {f"model/{v.path}": v for v in model.variables}
+
+
 def variables_of(model: keras.Model) -> dict[str, keras.Variable]:
     """Every variable training changes: weights, non-trainable state (incl. Dropout's seed), optimizer slots."""
-    found = {f"model/{v.path}": v for v in model.variables}
+    found = model_variables(model)
     found.update({f"optimizer/{v.path}": v for v in model.optimizer.variables})
     return found
 
@@ -77,22 +82,21 @@ def load(path: Path, sha256: str | None) -> Checkpoint:
 def restore(model: keras.Model, state: Checkpoint) -> None:
     """Assign the checkpoint's values to a freshly built and compiled model of the same config."""
     model.optimizer.build(model.trainable_variables)
-    targets = variables_of(model)
-    if set(targets) != set(state.variables):
-        raise CheckpointError("the checkpoint holds other variables than this model: was the config changed?")
-    for name, variable in targets.items():
-        variable.assign(state.variables[name])
+    assign(variables_of(model), state.variables)
 
 
 def restore_weights(model: keras.Model, state: Checkpoint) -> None:
     """Assign the checkpoint's model variables (not the optimizer's) to a freshly built model of the same config:
     enough to predict with, as the run's own model did after that epoch."""
-    targets = {f"model/{v.path}": v for v in model.variables}
-    saved = {name for name in state.variables if name.startswith("model/")}
-    if set(targets) != saved:
+    saved = {name: value for name, value in state.variables.items() if name.startswith("model/")}
+    assign(model_variables(model), saved)
+
+
+def assign(targets: dict[str, keras.Variable], values: dict[str, np.ndarray]) -> None:
+    if set(targets) != set(values):
         raise CheckpointError("the checkpoint holds other variables than this model: was the config changed?")
     for name, variable in targets.items():
-        variable.assign(state.variables[name])
+        variable.assign(values[name])
 
 
 def slot(epoch: int) -> str:
