@@ -2,7 +2,8 @@
 
 Owns reading a sweep back from MLflow and writing its report (summary.csv, summary.md, lr_effect.png,
 val_curves.png; with seed replicates summary.* has one row per setting and runs.csv, runs.md one per run; a
-halving sweep's pruned runs are shown apart and compared at its rungs); it never imports the training code.
+halving sweep's pruned runs are shown apart and compared at its rungs; a control run beside the grid gets its own
+row and line and a verdict, never the best); it never imports the training code.
 `fashion-sweep-compare` rebuilds a report any time.
 """
 
@@ -14,7 +15,7 @@ import math
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,10 @@ BEST_SETTING_IS = (
     " validation loss in any epoch, among settings whose runs all finished (runs.md: each run)"
 )
 
+CONTROL = "control"  # the tables' first column when the sweep has a control run: its label, blank for the grid
+CONTROL_NAMES = {"sweep_free": "sweep-free"}  # control.name (runs.CONTROL_TAG) as the report says it
+VERDICT_TAG = "control_verdict"  # on the parent: the grid's best against the control, in a sentence
+
 Row = dict[str, Any]
 
 
@@ -64,6 +69,8 @@ class Report:
     table: list[Row]
     columns: list[str]
     best_is: str
+    controls: list[Row] = field(default_factory=list)  # the control's runs (control=sweep_free): never best
+    verdict: dict[str, str] = field(default_factory=dict)  # the grid's best against the control (control_verdict)
 
     @property
     def terminal_columns(self) -> list[str]:
@@ -272,20 +279,21 @@ def curve_label(row: Row, swept: list[str]) -> str:
     return ", ".join(f"{k}={row[k]}" for k in swept) + f" ({status})"
 
 
-def write_table(path: Path, rows: list[Row], columns: list[str], title: str) -> list[Path]:
-    """path.csv and path.md (the title, then the table); returns both."""
+def write_table(path: Path, rows: list[Row], columns: list[str], title: str, after: str = "") -> list[Path]:
+    """path.csv and path.md (the title, the table, then after); returns both."""
     with open(path.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         writer.writerows([cell(row[c]) for c in columns] for row in rows)
-    path.with_suffix(".md").write_text(title + markdown(rows, columns))
+    path.with_suffix(".md").write_text(title + markdown(rows, columns) + after)
     return [path.with_suffix(".csv"), path.with_suffix(".md")]
 
 
 def write_report(client: MlflowClient, parent: Run, out: Path) -> Report:
     """Read the sweep's child runs, write the report files into out, return what was written."""
     children = runs.child_runs(client, parent.info.experiment_id, parent.info.run_id)
-    swept = swept_keys([r.data.params for r in children])
+    grid = [r for r in children if runs.CONTROL_TAG not in r.data.tags]
+    swept = swept_keys([r.data.params for r in grid])
     rungs = halving_rungs(parent.data.tags)
     histories = {
         r.info.run_id: {
@@ -295,31 +303,107 @@ def write_report(client: MlflowClient, parent: Run, out: Path) -> Report:
         for r in children
     }
     more = more_metrics(children)
-    rows = rank([summarize(r, histories[r.info.run_id], swept, rungs, more) for r in children])
+    rows = rank([summarize(r, histories[r.info.run_id], swept, rungs, more) for r in grid])
+    controls = [control_row(r, histories[r.info.run_id], swept, rungs, more) for r in children if r not in grid]
     table, columns, best, best_is = summary(rows, swept, rungs, more)
     if parent.data.tags.get(runs.TEST_SET_TAG) == "selected":
         best_is = f"{best_is}; {TESTED_ONCE_IS}"
+    keys = [k for k in swept if k != SEED]
+    every_run, run_cols = rows, run_columns(swept, rungs, more)
+    verdict = control_verdict(best, rows, controls, keys)
+    if controls:  # after the grid's rows, named in a first column that is blank for the grid
+        beside = [{**row, CONTROL: controls[0][CONTROL]} for row in settings(controls, keys)] if SEED in swept else []
+        table = [{**row, CONTROL: ""} for row in table] + (beside or controls)
+        every_run = [{**row, CONTROL: ""} for row in rows] + controls
+        columns, run_cols = [CONTROL, *columns], [CONTROL, *run_cols]
 
     out.mkdir(parents=True, exist_ok=True)
-    title = f"# Sweep {parent.info.run_name} ({parent.info.run_id})\n\n{len(rows)} runs"
+    also = f" and {len(controls)} control run{'s' if len(controls) > 1 else ''}" if controls else ""
+    title = f"# Sweep {parent.info.run_name} ({parent.info.run_id})\n\n{len(rows)} runs{also}"
+    after = f"\n{verdict[VERDICT_TAG]}\n" if verdict else ""
     if SEED in swept:  # summary.* has a row per setting, runs.* one per run
-        files = write_table(out / "summary", table, columns, f"{title} in {len(table)} settings; {best_is}.\n\n")
+        grid_settings = len(table) - (1 if controls else 0)
+        head = f"{title} in {grid_settings} settings; {best_is}.\n\n"
+        files = write_table(out / "summary", table, columns, head, after)
         runs_are = BEST_OF_HALVING_IS if rungs else BEST_IS
-        files += write_table(out / "runs", rows, run_columns(swept, rungs, more), f"{title}; {runs_are}.\n\n")
+        files += write_table(out / "runs", every_run, run_cols, f"{title}; {runs_are}.\n\n", after)
     else:
-        files = write_table(out / "summary", table, columns, f"{title}; {best_is}.\n\n")
+        files = write_table(out / "summary", table, columns, f"{title}; {best_is}.\n\n", after)
 
-    keys = [k for k in swept if k != SEED]
     best_lr = float(best[LR]) if best else None
     spread = lr_spread(rows, keys) if SEED in swept else None
-    lr_figure = plots.lr_effect(lr_series(rows, keys), best_lr, spread, pruned_points(rows, keys))
+    beside_grid = control_point(controls)
+    lr_figure = plots.lr_effect(lr_series(rows, keys), best_lr, spread, pruned_points(rows, keys), beside_grid)
     lr_figure.savefig(out / "lr_effect.png", dpi=110)
-    labels = [curve_label(row, swept) for row in rows]
-    faded = {label for label, row in zip(labels, rows, strict=True) if row["status"] == "PRUNED"}
-    labelled = {label: histories[row["run_id"]] for label, row in zip(labels, rows, strict=True)}
+    labels = [curve_label(row, swept) for row in rows] + [f"{r[CONTROL]} ({r['status']})" for r in controls]
+    faded = {label for label, row in zip(labels, rows, strict=False) if row["status"] == "PRUNED"}
+    labelled = {label: histories[row["run_id"]] for label, row in zip(labels, rows + controls, strict=True)}
     plots.val_curves(labelled, faded, rungs).savefig(out / "val_curves.png", dpi=110)
     files = [out / "lr_effect.png", out / "val_curves.png", *files]
-    return Report(rows=rows, swept=swept, best=best, files=files, table=table, columns=columns, best_is=best_is)
+    return Report(
+        rows=rows, swept=swept, best=best, files=files, table=table, columns=columns, best_is=best_is,
+        controls=controls, verdict=verdict,
+    )  # fmt: skip
+
+
+def control_row(
+    run: Run, history: dict[str, list[float]], swept: list[str], rungs: Sequence[int], more: Sequence[str]
+) -> Row:
+    """A control run's row: as summarize's, with its label ("sweep-free, lr 0.0025") in the CONTROL column."""
+    name = run.data.tags[runs.CONTROL_TAG]
+    label = f"{CONTROL_NAMES.get(name, name)}, lr {float(run.data.params.get(LR, 'nan')):g}"
+    return {CONTROL: label, **summarize(run, history, swept, rungs, more)}
+
+
+def control_point(controls: list[Row]) -> tuple[str, float, float, float] | None:
+    """For plots.lr_effect: the control's label, learning rate and final training and validation loss (means over
+    its finished runs), or None without one."""
+    if not controls:
+        return None
+    (train, _), (val, _) = final_losses(controls)
+    return controls[0][CONTROL], float(controls[0][LR] or "nan"), train, val
+
+
+def control_verdict(best: Row | None, rows: list[Row], controls: list[Row], keys: list[str]) -> dict[str, str]:
+    """The grid's best against its control, as the parent's tags: the control's validation loss and test accuracy
+    (means over its finished runs), by how much the grid's best beat it (grid_gain_*: positive when the grid's best
+    is better), what each cost (epochs and seconds of all their runs), and VERDICT_TAG saying it in a sentence."""
+    if not controls:
+        return {}
+    label = controls[0][CONTROL]
+    finished = [r for r in controls if r["status"] == "FINISHED" and math.isfinite(r["best_val_loss"])]
+    tags = {
+        runs.CONTROL_TAG: label,
+        "grid_epochs": str(sum(r["epochs"] for r in rows)),
+        "control_epochs": str(sum(r["epochs"] for r in controls)),
+        "grid_seconds": f"{sum(r['seconds'] for r in rows):.0f}",
+        "control_seconds": f"{sum(r['seconds'] for r in controls):.0f}",
+    }
+    if best is None or not finished:
+        missing = "no grid run" if best is None else f"no {label} run"
+        return {**tags, VERDICT_TAG: f"No comparison with the {label} control: {missing} finished."}
+    control_loss, _ = mean_std([r["best_val_loss"] for r in finished])
+    control_accuracy, _ = mean_std([r["test_accuracy"] for r in finished if math.isfinite(r["test_accuracy"])])
+    gain = control_loss - best["best_val_loss"]
+    tags.update(control_best_val_loss=f"{control_loss:.6g}", grid_gain_val_loss=f"{gain:.6g}")
+    accuracy = ""
+    if math.isfinite(control_accuracy) and math.isfinite(best["test_accuracy"]):
+        tags.update(
+            control_test_accuracy=f"{control_accuracy:.6g}",
+            grid_gain_test_accuracy=f"{best['test_accuracy'] - control_accuracy:.6g}",
+        )
+        accuracy = f"; test accuracy {best['test_accuracy']:.2%} against {control_accuracy:.2%}"
+    setting = ", ".join(f"{k}={best[k]}" for k in keys)
+    means = f" (means over {len(finished)} seeds)" if len(finished) > 1 else ""
+    outcome = "beat" if gain > 0 else "lost to" if gain < 0 else "tied with"
+    seconds = float(tags["grid_seconds"]) / max(float(tags["control_seconds"]), 1.0)
+    tags[VERDICT_TAG] = (
+        f"The grid's best ({setting}) {outcome} the {label} control by {abs(gain):.4f} in lowest validation loss "
+        f"({best['best_val_loss']:.4f} against {control_loss:.4f}){accuracy}{means}; the grid trained "
+        f"{tags['grid_epochs']} epochs in {tags['grid_seconds']} s, the control {tags['control_epochs']} in "
+        f"{tags['control_seconds']} s ({seconds:.1f}x the time)."
+    )
+    return tags
 
 
 def selected_run_ids(report: Report) -> list[str]:
@@ -347,6 +431,8 @@ def description(report: Report, folder: Path, registered: str | None = None) -> 
         values = ", ".join(f"{k}={report.best[k]}" for k in report.swept if k in report.best and k != SEED)
         answer = f"**Best: {values}** (best val_loss {report.best['best_val_loss']:.4f})."
     lines = [answer, "", markdown(report.table, report.terminal_columns), f"{report.best_is}.", ""]
+    if report.verdict:
+        lines += [report.verdict[VERDICT_TAG], ""]
     lines.append(f"Report: `{folder}`; the same files are this run's artifacts (summary.md, lr_effect.png, ...).")
     if registered:
         lines.append(f"The best model is registered as `{registered}` (name/version) in the Model registry.")
@@ -373,6 +459,8 @@ def main(argv: list[str] | None = None) -> None:
         reason = credentials.server_refusal(err) or " ".join(str(err).split())
         sys.exit(f"fashion-sweep-compare: {reason} ({store.redacted(uri)})")
     print(markdown(report.table, report.terminal_columns))
+    if report.verdict:
+        print(report.verdict[VERDICT_TAG])
     print(f"Report of {parent.info.run_name!r} ({parent.info.run_id}) written to {report.files[0].parent}")
 
 

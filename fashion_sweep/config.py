@@ -25,7 +25,7 @@ AUGMENTS = ("none", "flip_shift")  # pipeline.training_batches
 PRECISIONS = ("auto", "float32", "bfloat16")  # backend.choose_precision
 TEST_SETS = ("selected", "all", "none")  # scoring.scored_in_job: who meets the test set
 TASKS = ("train", "lr_find")  # what a job does: train.train or lr_find.lr_find (cli.py)
-GROUPS = ("data", "model", "optimizer", "trainer", "tracking", "lr_find")  # groups whose options are plain YAML schemas
+GROUPS = ("data", "model", "optimizer", "trainer", "tracking", "lr_find", "control")  # options: plain YAML schemas
 
 
 class ConfigError(CompactHydraException):
@@ -84,6 +84,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.train_size", lambda v: v is None or (_whole(v) and 100 <= v <= 60000), "null or 100..60000"),
     ("optimizer.schedule", lambda v: v in SCHEDULES, f"one of {list(SCHEDULES)}"),
     ("optimizer.warmup_fraction", lambda v: _number(v) and 0 < v < 1, "a share between 0 and 1"),
+    ("optimizer.warmup_steps", lambda v: _whole(v) and v >= 0, "a whole number of steps >= 0"),
     ("data.augment", lambda v: v in AUGMENTS, f"one of {list(AUGMENTS)}"),
     ("data.max_shift", lambda v: _whole(v) and 0 <= v <= 14, "a whole number of pixels in 0..14"),
     ("trainer.precision", lambda v: v in PRECISIONS, f"one of {list(PRECISIONS)}"),
@@ -120,6 +121,9 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("lr_find.smoothing", _rate, "a number in [0, 1)"),
     ("lr_find.stop_factor", lambda v: _number(v) and v > 1, "a number > 1"),
     ("task", lambda v: v in TASKS, f"one of {list(TASKS)}"),
+    ("control.name", lambda v: v in shipped_names("control"), f"one of {shipped_names('control')}"),
+    ("control.optimizer", lambda v: v in shipped_names("optimizer"), f"one of {shipped_names('optimizer')}"),
+    ("control.lr", lambda v: _number(v) and v > 0, "a number > 0"),
 ]
 
 
@@ -195,11 +199,17 @@ def check_rules(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
 
 
-def check_lr_range(cfg: DictConfig) -> None:
-    """The one rule across keys: the LR range test runs upwards."""
+def check_across_keys(cfg: DictConfig) -> None:
+    """The rules across keys: the LR range test runs upwards; schedule-free AdamW takes no schedule."""
     start, end = cfg.lr_find.start_lr, cfg.lr_find.end_lr
     if end <= start:
         raise ConfigError(f"lr_find.end_lr={end!r} is not allowed: expected a number > lr_find.start_lr={start!r}")
+    schedule = cfg.optimizer.get("schedule", "constant")
+    if cfg.optimizer.name == "schedule_free_adamw" and schedule != "constant":
+        raise ConfigError(
+            f"optimizer.schedule={schedule!r} is not allowed with optimizer=schedule_free_adamw: expected 'constant'"
+            " (the method replaces the schedule; optimizer.warmup_steps warms it up)"
+        )
 
 
 def check_builds(cfg: DictConfig) -> None:
@@ -234,7 +244,7 @@ def validate(cfg: DictConfig, choices: Mapping[str, Any], build: bool = True) ->
     check_keys(cfg, choices)
     check_finite(cfg)
     check_rules(cfg)
-    check_lr_range(cfg)
+    check_across_keys(cfg)
     if build:
         check_builds(cfg)
 

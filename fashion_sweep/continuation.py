@@ -31,6 +31,7 @@ class Job:
     resume_run_id: str | None  # the single run fashion-sweep-resume continues (runs.RESUME_RUN_ENV)
     stop_epoch: int  # the epoch it trains up to: trainer.epochs, or its halving rung (runs.STOP_EPOCH_ENV)
     output_dir: str | None  # Hydra's output folder of the job
+    control: str | None  # the control it is beside its sweep's grid (runs.CONTROL_ENV), e.g. sweep_free; else None
     launch: str | None  # how to launch a single run again (tag launch); a sweep's is on its parent
 
 
@@ -49,6 +50,7 @@ def job_context(epochs: int) -> Job:
         resume_run_id=os.environ.get(runs.RESUME_RUN_ENV),
         stop_epoch=min(int(os.environ.get(runs.STOP_EPOCH_ENV, epochs)), epochs),
         output_dir=hydra.runtime.output_dir if hydra else None,
+        control=os.environ.get(runs.CONTROL_ENV) if parent_run_id else None,
         launch=launch,
     )
 

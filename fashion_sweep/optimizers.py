@@ -1,7 +1,8 @@
 """The optimizers: one Keras optimizer per conf/optimizer/*.yaml, at the learning rate optimizer.lr.
 
 Owns the mapping from config to keras.optimizers and the learning-rate schedule (optimizer.schedule, with
-optimizer.lr its peak); it does not choose learning rates (the sweep does).
+optimizer.lr its peak); it does not choose learning rates (the sweep does). Schedule-free AdamW's averaged weights,
+what its runs are evaluated at, are schedule_free.py's.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ from typing import Any, cast
 import keras
 from omegaconf import DictConfig, OmegaConf
 
+from fashion_sweep import schedule_free
+
 OPTIMIZERS: dict[str, type[keras.optimizers.Optimizer]] = {
     "rmsprop": keras.optimizers.RMSprop,
     "adam": keras.optimizers.Adam,
     "adamw": keras.optimizers.AdamW,
     "sgd": keras.optimizers.SGD,
+    "schedule_free_adamw": schedule_free.ScheduleFreeAdamW,  # Keras' with its average mended: schedule_free.py
 }
 ONE_CYCLE_START = 25  # one_cycle warms up from lr / 25 (fastai's div), as in Smith's one-cycle policy
 

@@ -145,6 +145,12 @@ def record_test(client: MlflowClient, run_id: str, selected: list[Run], figures_
             client.log_artifact(run_id, path)
 
 
+def record_control(client: MlflowClient, run_id: str, verdict: dict[str, str]) -> None:
+    """The grid's best against the sweep's control (compare.control_verdict), as the parent's tags."""
+    for key, value in verdict.items():
+        client.set_tag(run_id, key, value)
+
+
 def record_description(client: MlflowClient, run_id: str, markdown: str) -> None:
     """The sweep's answer as the parent run's description (Markdown on its page in the MLflow UI)."""
     client.set_tag(run_id, runs.NOTE_TAG, markdown)

@@ -84,6 +84,7 @@ def lr_effect(
     best_lr: float | None,
     spread: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
     pruned: Mapping[str, Sequence[tuple[float, float, float, int]]] | None = None,
+    control: tuple[str, float, float, float] | None = None,
 ) -> Figure:
     """Final training and validation loss against learning rate (the reference's "Effect of a learning rate").
 
@@ -91,6 +92,9 @@ def lr_effect(
     losses); a non-finite loss (a diverged run) is drawn as an x at the top of the axes. spread, if given, holds
     the standard deviations (over seeds) of those losses, drawn as error bars. pruned maps a label to runs stopped
     early at a rung, (learning rate, last training loss, last validation loss, epochs), drawn as hollow markers.
+    control, if given, is a run beside the grid, (label, its learning rate, final training loss, final validation
+    loss): its validation loss a horizontal line across the grid (what it reached without choosing a rate), both
+    losses stars at its own rate.
     """
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.subplots()
@@ -120,6 +124,10 @@ def lr_effect(
                 ax.annotate(str(epochs), (lr, last[i]), textcoords="offset points", xytext=(6, -3), fontsize=7)
     if any(pruned.values()):
         ax.plot([], [], "o", mfc="none", color="gray", label="pruned at epoch k (hollow marker, k next to it)")
+    if control is not None and np.isfinite(control[3]):  # a diverged control is its row's status, not a line
+        label, lr, train, val = control
+        ax.axhline(val, color="purple", ls=":", lw=2, label=f"{label}: final validation loss{over_seeds}")
+        ax.plot([lr, lr], [train, val], "*", color="purple", ms=12, label=f"{label}: final training, validation loss")
     if best_lr is not None:
         lowest = "lowest mean val_loss" if spread else "lowest val_loss"
         ax.axvline(best_lr, color="green", alpha=0.5, lw=3, label=f"best lr = {best_lr:g} ({lowest})")

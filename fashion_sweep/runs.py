@@ -34,6 +34,7 @@ PARENT_RUN_ENV = "FASHION_SWEEP_PARENT_RUN_ID"  # the sweep's parent run id, set
 RESUME_RUN_ENV = "FASHION_SWEEP_RESUME_RUN_ID"  # a single run that `fashion-sweep-resume` continues
 RESUME_SWEEP_ENV = "FASHION_SWEEP_RESUME_SWEEP_ID"  # a sweep's parent run that `fashion-sweep-resume` continues
 STOP_EPOCH_ENV = "FASHION_SWEEP_STOP_EPOCH"  # a halving rung: the job trains up to this epoch, then pauses
+CONTROL_ENV = "FASHION_SWEEP_CONTROL"  # the control a job is, beside its sweep's grid (control.py): "sweep_free"
 
 # The tags that continuing, comparing and resuming read (docs/records.md has every tag a run records).
 JOB_KEY_TAG = "job_overrides"  # a sweep child's identity: its overrides, sorted, as JSON
@@ -45,6 +46,7 @@ PRUNED_TAG = "pruned"  # "true" on a halving child that stopped at a rung (it en
 PRUNED_AT_TAG = "pruned_at_epoch"  # the rung's epoch
 HALVING_RUNGS_TAG = "halving_rungs"  # a halving sweep's rung epochs, "1,3,10", on the parent
 ERROR_TAG = "error"  # a FAILED run's error, one line
+CONTROL_TAG = "control"  # on a sweep's control run (control.py): "sweep_free"; never counted as the grid's best
 TEST_SET_TAG = "test_set"  # a sweep's tracking.test_set, on its parent: who meets the test set (scoring.py)
 TASK_TAG = "task"  # "lr_find" on an LR range test (never resumed)
 NOTE_TAG = "mlflow.note.content"  # a run's description on its page in the MLflow UI (Markdown)

@@ -18,8 +18,9 @@ from mlflow.entities import Metric, Run
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from fashion_sweep import backend, checkpoint, data, plots, runs
+from fashion_sweep import backend, checkpoint, data, plots, runs, schedule_free
 from fashion_sweep.models import build_model
+from fashion_sweep.optimizers import build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,9 @@ class Scores:
 
 
 def scored_in_job(test_set: str, in_sweep: bool) -> bool:
-    """Whether a training job scores the test set itself: a single run unless test_set is none; a sweep's job only
-    with all (with selected, the sweep scores the runs it chose, after choosing on validation)."""
+    """Whether a training job scores the test set itself: a single run (or a sweep's control, which is not chosen
+    among others) unless test_set is none; a sweep's job only with all (with selected, the sweep scores the runs it
+    chose, after choosing on validation)."""
     return test_set == "all" or (test_set == "selected" and not in_sweep)
 
 
@@ -86,7 +88,12 @@ def score_run(client: MlflowClient, run: Run) -> Scores:
     keras.backend.clear_session(free_memory=False)
     backend.set_precision(run.data.tags.get("precision", "float32"))
     model = build_model(cfg.model)
-    checkpoint.restore_weights(model, state)
+    if cfg.optimizer.name == "schedule_free_adamw":  # its average x needs the optimizer's state: all of it restored
+        model.compile(optimizer=build_optimizer(cfg.optimizer))
+        checkpoint.restore(model, state)
+        schedule_free.to_average(model, split.x_train, cfg.trainer.batch_size)
+    else:
+        checkpoint.restore_weights(model, state)
     scores = score(model, split, cfg.trainer.eval_batch_size)
     log_scores(client, run.info.run_id, scores, split)
     note = run.data.tags.get(runs.NOTE_TAG, "")

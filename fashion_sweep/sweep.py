@@ -23,7 +23,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from fashion_sweep import backend, cli, compare, credentials, data, halving, parent, progress, registry, runs
+from fashion_sweep import backend, cli, compare, control, credentials, data, halving, parent, progress, registry, runs
 from fashion_sweep.config import ConfigError, check_builds, check_data_and_store, check_no_secret, validate
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,11 @@ def check_sweeper(config: DictConfig, jobs: list[list[str]]) -> None:
             raise SystemExit(f"fashion-sweep: {err}; nothing was run") from None
 
 
-def check_jobs(config: DictConfig) -> list[int]:
+def check_jobs(config: DictConfig, controls: list[list[str]]) -> list[int]:
     """Check every job before any runs (its config, and once each its data and store), so a bad value in the
     5th job wastes no training and leaves nothing in the store; what needs no TensorFlow goes first, for all
-    jobs, so that a typo or a wrong folder is refused before TensorFlow is imported. Returns each job's
-    trainer.epochs."""
+    jobs, so that a typo or a wrong folder is refused before TensorFlow is imported. The control's jobs (controls)
+    are checked as the grid's. Returns each job's trainer.epochs, the controls' last."""
     jobs = job_overrides(config)
     given = {o.lstrip("+") for job in jobs for o in job}  # e.g. task=train,lr_find; cli.app refuses the rest
     if config.get("task") == "lr_find" or given & {"experiment=lr_find", "task=lr_find"}:
@@ -57,7 +57,7 @@ def check_jobs(config: DictConfig) -> list[int]:
     shared = set.intersection(*map(set, jobs)) if len(jobs) > 1 else set()
     in_process = str(config.hydra.launcher._target_).endswith(".BasicLauncher")  # not joblib's or Ray's workers
     composed, checked = [], set()
-    for overrides in jobs:  # keys and ranges of every job, and once each data and store setting
+    for overrides in jobs + controls:  # keys and ranges of every job, and once each data and store setting
         try:
             job = compose(config_name=config.hydra.job.config_name, overrides=overrides, return_hydra_config=True)
             with open_dict(job):
@@ -105,6 +105,8 @@ class MlflowSweep(Callback):
         self.interrupted = False
         self.registered_model: str | None = None  # tracking.registered_model: where the best model is registered
         self.test_set = "selected"  # tracking.test_set: who meets the test set
+        self.controls: list[list[str]] = []  # the overrides of the control's jobs (control=sweep_free), run last
+        self.grid_size = 0  # the grid's jobs: the controls are numbered after them
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         """A single run: a secret in its config is refused before Hydra writes it to .hydra/ (the job checks the
@@ -122,7 +124,9 @@ class MlflowSweep(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not HydraConfig.initialized():
             HydraConfig.instance().set_config(config)
-        job_epochs = check_jobs(config)
+        grid = job_overrides(config)
+        self.controls, self.grid_size = control.jobs(config, grid), len(grid)
+        job_epochs = check_jobs(config, self.controls)
         try:
             self.open_parent(config, progress.grid_plan(job_epochs, time.time()))
         except Exception as err:  # Hydra would only warn, and run the jobs ungrouped; atexit ends the parent
@@ -164,7 +168,14 @@ class MlflowSweep(Callback):
         log.info("Sweep %s parent MLflow run %s", verb, self.parent_run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not self.finish(completed=True):
+        completed = True
+        if self.controls and not self.interrupted:
+            try:
+                control.run(config, self.controls, first_number=self.grid_size)
+            except Exception as err:  # the sweep ends FAILED (a resume runs the control again); Hydra would only warn
+                print(f"fashion-sweep: the control run failed: {runs.error_summary(err)}", file=sys.stderr)
+                completed = False
+        if not self.finish(completed=completed) or not completed:
             raise SystemExit(1)  # Hydra only warns about a callback's exceptions; the exit code must say it
 
     def finish(self, completed: bool) -> bool:
@@ -182,13 +193,15 @@ class MlflowSweep(Callback):
             parent.end_orphans(client, run_id)
             parent_run = client.get_run(run_id)
             report = compare.write_report(client, parent_run, self.report_dir)
-            ended = sweep_status([row["status"] for row in report.rows], completed, self.interrupted)
+            statuses = [row["status"] for row in report.rows + report.controls]
+            ended = sweep_status(statuses, completed, self.interrupted)
             if ended == "FINISHED":  # stopped while scoring, the sweep stays unfinished: a resume scores it
                 report = self.score_selected(client, parent_run, report)
             status = ended
             version = self.register_best(client, parent_run, report) if status == "FINISHED" else None
             page = runs.ui_address(runs.ui_base(self.uri), parent_run.info.experiment_id, run_id)
             parent.record_report(client, run_id, report.files, report.best, compare.LR)
+            parent.record_control(client, run_id, report.verdict)
             parent.record_description(client, run_id, compare.description(report, self.report_dir, version))
             self.print_report(report, run_id, page)
             if status != "FINISHED":
@@ -240,6 +253,8 @@ class MlflowSweep(Callback):
     def print_report(self, report: compare.Report, run_id: str, page: str) -> None:
         """The table, how best was chosen, where the report is, where to browse."""
         print(compare.markdown(report.table, report.terminal_columns))
+        if report.verdict:
+            print(report.verdict[compare.VERDICT_TAG])
         print(f"{report.best_is}.\nReport: {self.report_dir}  (also on MLflow run {run_id})")
         if self.uri.startswith(("http://", "https://")):  # the server is the UI
             print(f"Browse the sweep: {page}")

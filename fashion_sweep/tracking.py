@@ -27,9 +27,11 @@ from fashion_sweep.continuation import Job
 
 
 def run_tags(job: Job) -> dict[str, str]:
-    """The tags a job's run starts with: its identity, where Hydra wrote its output, how to launch it again (a
-    single run), the code's commit."""
+    """The tags a job's run starts with: its identity, the control it is (if it is one), where Hydra wrote its
+    output, how to launch it again (a single run), the code's commit."""
     tags = {runs.JOB_KEY_TAG: runs.job_key(job.overrides)}
+    if job.control:
+        tags[runs.CONTROL_TAG] = job.control
     if job.output_dir:
         tags["hydra_output_dir"] = job.output_dir
     if job.launch:

@@ -27,6 +27,7 @@ from fashion_sweep import (
     plots,
     registry,
     runs,
+    schedule_free,
     scoring,
     tracking,
 )
@@ -111,6 +112,9 @@ def fit_and_record(
         state.history if state else {}, state.fit_seconds if state else 0.0, start.logged
     )
     max_shift = cfg.data.max_shift if cfg.data.augment == "flip_shift" else None
+    per_epoch = [guard, recorder, callbacks.progress_log(client, job.parent_run_id, job.number, first_epoch, stop)]
+    if schedule_free.applies(model):  # validated at its average x, trained on from y
+        per_epoch.insert(0, schedule_free.ValidateAtAverage(split.x_train, batch_size))
     model.fit(
         pipeline.training_batches(
             split.x_train, split.y_train, batch_size, cfg.trainer.seed, first_epoch, stop, max_shift, smoothing
@@ -120,7 +124,7 @@ def fit_and_record(
         initial_epoch=first_epoch,
         validation_data=(split.x_val, pipeline.validation_labels(split.y_val, smoothing)),  # never augmented
         validation_batch_size=cfg.trainer.eval_batch_size,
-        callbacks=[guard, recorder, callbacks.progress_log(client, job.parent_run_id, job.number, first_epoch, stop)],
+        callbacks=per_epoch,
         shuffle=False,  # training_batches shuffles, per epoch, reproducibly
         verbose=cfg.trainer.verbose,
     )
@@ -137,8 +141,11 @@ def fit_and_record(
         halving.keep_model(key, stop, model)
         raise runs.Paused(stop, best)
 
+    if schedule_free.applies(model):  # the test score and the logged model are the average's, as validation was
+        schedule_free.to_average(model, split.x_train, batch_size)
     in_sweep = job.parent_run_id is not None
-    test_accuracy = record_result(cfg, model, split, history, dataset.x_test[..., 0], in_sweep)
+    chosen_later = in_sweep and job.control is None  # a sweep's control is no candidate to choose: scored here
+    test_accuracy = record_result(cfg, model, split, history, dataset.x_test[..., 0], chosen_later)
     name = cfg.tracking.get("registered_model")
     registers = cfg.tracking.get("register_single_runs") and name and not in_sweep
     if registers and cfg.tracking.log_model:
@@ -150,7 +157,8 @@ def fit_and_record(
             score["test_accuracy"] = f"{test_accuracy:.4f}"
         registry.register(client, name, run, score)
     test_set = cfg.tracking.get("test_set", "selected")
-    tested = f"test accuracy {test_accuracy:.4f}" if test_accuracy is not None else scoring.why_not(test_set, in_sweep)
+    scored = f"test accuracy {test_accuracy:.4f}" if test_accuracy is not None else None
+    tested = scored or scoring.why_not(test_set, chosen_later)
     mlflow.set_tag(runs.NOTE_TAG, f"Finished: best val_loss {best:.4f} at epoch {at} of {stop}; {tested}.")
     return best
 
@@ -167,13 +175,14 @@ def record_result(
     split: data.Split,
     history: dict[str, list[float]],
     raw_test_images: np.ndarray,
-    in_sweep: bool,
+    chosen_later: bool,
 ) -> float | None:
-    """Log the curves; score the test split if this job does (scoring.scored_in_job), with its confusion matrix and
-    misclassified images; log the model (which takes the raw uint8 images). Returns the test accuracy, if scored."""
+    """Log the curves; score the test split if this job does (scoring.scored_in_job: not if its sweep chooses among
+    its jobs later), with its confusion matrix and misclassified images; log the model (which takes the raw uint8
+    images). Returns the test accuracy, if scored."""
     mlflow.log_figure(plots.curves(history), "curves.png")
     scores = None
-    if scoring.scored_in_job(cfg.tracking.get("test_set", "selected"), in_sweep):
+    if scoring.scored_in_job(cfg.tracking.get("test_set", "selected"), chosen_later):
         scores = scoring.score(model, split, cfg.trainer.eval_batch_size)
         active = mlflow.active_run()
         assert active is not None

@@ -27,6 +27,7 @@ LONGEST_FIRST = [
     "test_ui.py",  # 31 (+80 since 2026-12-05: the model sweep, Chromium, serving)
     "test_server.py",  # 95
     "test_run.py",  # 90
+    "test_schedule_free.py",  # ~100 (2026-12-05)
     "test_halving.py",  # 89
     "test_ray.py",  # 72
     "test_structure.py",  # ~70 (2026-12-05)

@@ -97,6 +97,17 @@ def test_best_cnn_benchmark_pairs_the_reference_and_the_preset(tmp_path: Path) -
     assert "| wall time best_cnn / reference (per pair) |" in table.read_text()
 
 
+def test_sweep_free_benchmark_sets_the_grids_best_beside_the_control(tmp_path: Path) -> None:
+    run_module("benchmarks.sweep_free", "--models", "seed_cnn", "--seeds", "1", "--train-size", "500", "--epochs",
+               "1", "--out", str(tmp_path))  # fmt: skip
+    (table,) = tmp_path.glob("*-sweep-free.md")
+    (row,) = [line.split(" | ") for line in table.read_text().splitlines() if line.startswith("| seed_cnn |")]
+    grid, control = (float(cell.rstrip("%")) for cell in row[2:4])  # one seed: no spread in brackets
+    assert 0 < grid <= 100 and 0 < control <= 100
+    assert row[5] == "5 / " + row[5].split(" / ")[1] and row[6].startswith("1 / ")  # 5 rates, 1 control, 1 epoch
+    assert "The parent's verdict: The grid's best (optimizer.lr=" in table.read_text()
+
+
 def test_precision_benchmark_runs_each_seed_in_both_precisions(tmp_path: Path) -> None:
     run_module("benchmarks.precision", "--seeds", "7", "--train-size", "500", "--epochs", "1", "--out", str(tmp_path))
     (table,) = tmp_path.glob("*-precision.md")

@@ -41,7 +41,8 @@ def check(*overrides: str) -> DictConfig:
 
 def test_groups_offer_the_documented_options() -> None:
     assert options("model") == ["cnn_bn", "mlp", "readme_cnn", "seed_cnn"]
-    assert options("optimizer") == ["adam", "adamw", "rmsprop", "sgd"]
+    assert options("optimizer") == ["adam", "adamw", "rmsprop", "schedule_free_adamw", "sgd"]
+    assert options("control") == ["none", "sweep_free"]
     assert options("experiment") == ["best_cnn", "lr_find", "lr_sweep", "optimizer_sweep"]
 
 
@@ -140,6 +141,9 @@ def test_optimizer_sweep_crosses_the_rates_with_three_optimizers() -> None:
         ("trainer.verbose=5", r"trainer.verbose=5 is not allowed: expected 0, 1 or 2"),
         ("tracking.experiment=", r"tracking.experiment='' is not allowed: expected an experiment name"),
         ("tracking.test_set=best", r"tracking.test_set='best' is not allowed: expected one of \['selected', 'all',"),
+        ("optimizer=schedule_free_adamw optimizer.warmup_steps=-1", r"optimizer.warmup_steps=-1 is not allowed"),
+        ("control=sweep_free control.lr=0", r"control.lr=0 is not allowed: expected a number > 0"),
+        ("control=sweep_free control.optimizer=lion", r"control.optimizer='lion' is not allowed: expected one of"),
     ],
 )
 def test_out_of_range_values_are_refused_naming_key_and_value(override: str, message: str) -> None:
