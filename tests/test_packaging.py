@@ -44,7 +44,8 @@ def test_wheel_carries_the_configs_and_hydra_finds_them(tmp_path: Path) -> None:
 def test_help_lists_the_config_groups(tmp_path: Path) -> None:
     proc = run_script("fashion-sweep", "--help", cwd=tmp_path, timeout=120)
     assert proc.returncode == 0
-    for line in ("model: cnn_bn, mlp, readme_cnn, seed_cnn", "optimizer: adam, adamw, rmsprop, sgd",
+    for line in ("model: cnn_bn, mlp, readme_cnn, seed_cnn", "control: none, sweep_free",
+                 "optimizer: adam, adamw, rmsprop, schedule_free_adamw, sgd",
                  "experiment: best_cnn, lr_find, lr_sweep, optimizer_sweep"):  # fmt: skip
         assert line in proc.stdout
 
