@@ -3,15 +3,18 @@
 Runs the real console script: the reference (the default config: seed_cnn, RMSprop at 0.001, 20 epochs) and
 `experiment=best_cnn`, in pairs with the same seed and alternating order (the machine's speed drifts), then
 best_cnn alone with the remaining seeds. Reports each run's wall time and test accuracy, the wall-time ratio
-best_cnn / reference per pair and best_cnn's mean over seeds.
-`python -m benchmarks.best_cnn [--seeds 42 1 2] [--pairs 1] [--train-size N] [--epochs E] [--out DIR]`;
-writes <date>-best-cnn.md.
+best_cnn / reference per pair, best_cnn's mean over seeds, the recipe best_cnn chose (tag `recipe`: one per
+precision) and the instruction set oneDNN ran with. `--isa avx2` (or ONEDNN_MAX_CPU_ISA=AVX2 in the environment)
+caps oneDNN's kernels at AVX2, as on a CPU without AVX512, and `trainer.precision=auto` then chooses as there.
+`python -m benchmarks.best_cnn [--seeds 42 1 2] [--pairs 1] [--isa avx2] [--train-size N] [--epochs E] [--out DIR]`;
+writes <date>-best-cnn[-<isa>].md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 from datetime import date
@@ -31,6 +34,8 @@ def one_run(harness: Harness, recipe: str, seed: int, overrides: list[str]) -> d
         "fit_seconds": run.data.metrics["fit_seconds"],
         "epochs": len(harness.epoch_seconds(run)),
         "test_accuracy": run.data.metrics["test_accuracy"],
+        "precision": run.data.tags["precision"],
+        "variant": run.data.tags.get("recipe", ""),  # tag recipe: best_cnn's variant for that precision
     }
 
 
@@ -59,24 +64,31 @@ def summary(rows: list[dict]) -> dict:
     }
 
 
+def cap_note(settings: dict) -> str:
+    cap = settings["ONEDNN_MAX_CPU_ISA"]
+    return "" if cap == "not set" else f", capped by ONEDNN_MAX_CPU_ISA={cap}"
+
+
 def markdown(rows: list[dict], s: dict, settings: dict, cpu: dict) -> str:
     ratios = ", ".join(f"{r:.2f}" for r in s["wall_ratios"])
     lines = [
         f"# Reference vs experiment=best_cnn ({date.today()})",
         "",
-        f"CPU: {cpu['cpu']}, {cpu['cores']} cores, flags {', '.join(cpu['simd'])}; trainer.precision=auto picks "
-        f"{cpu['auto_precision']}. Settings: {json.dumps(settings)}. `python -m benchmarks.best_cnn`: each pair "
-        "is the two recipes with one seed, one after the other (order alternating); the other seeds best_cnn alone.",
+        f"CPU: {cpu['cpu']}, {cpu['cores']} cores, flags {', '.join(cpu['simd'])}; oneDNN ISA "
+        f"{cpu['onednn_isa']}{cap_note(settings)}; trainer.precision=auto picks {cpu['auto_precision']}. "
+        f"Settings: {json.dumps(settings)}. `python -m benchmarks.best_cnn`: each pair is the two recipes with one "
+        "seed, one after the other (order alternating); the other seeds best_cnn alone.",
         "",
         *table(
-            ["recipe", "seed", "wall time", "in model.fit", "epochs", "test accuracy"],
+            ["recipe", "seed", "wall time", "in model.fit", "epochs", "precision", "test accuracy"],
             [
                 [
-                    r["recipe"],
+                    r["recipe"] + (f" ({r['variant']})" if r.get("variant") else ""),
                     str(r["seed"]),
                     f"{r['wall_seconds']:.0f} s",
                     f"{r['fit_seconds']:.0f} s",
                     str(r["epochs"]),
+                    r["precision"],
                     f"{r['test_accuracy']:.2%}",
                 ]
                 for r in rows
@@ -107,15 +119,24 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=1, help="how many of the seeds also run the reference")
     parser.add_argument("--train-size", type=int, default=None, help="images before the split (default: all)")
     parser.add_argument("--epochs", type=int, default=None, help="trainer.epochs of both (default: each recipe's)")
+    parser.add_argument("--isa", default=None, help="cap oneDNN's kernels (ONEDNN_MAX_CPU_ISA), e.g. avx2")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for the results")
     args = parser.parse_args()
+    if args.isa:  # read by oneDNN when TensorFlow is imported: here, before the runs start
+        os.environ["ONEDNN_MAX_CPU_ISA"] = args.isa.upper()
 
     overrides = size_overrides(args.train_size) + ([f"trainer.epochs={args.epochs}"] if args.epochs else [])
-    settings = {"train_size": args.train_size or "all", "epochs": args.epochs or "each recipe's", "seeds": args.seeds}
+    settings = {
+        "train_size": args.train_size or "all",
+        "epochs": args.epochs or "each recipe's",
+        "seeds": args.seeds,
+        "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA", "not set"),
+    }
     cpu = announced_machine()
     with tempfile.TemporaryDirectory() as folder:
         rows = measure(Harness(Path(folder)), args.seeds, args.pairs, overrides)
-    write_results(args.out, "best-cnn", markdown(rows, summary(rows), settings, cpu))
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").lower()
+    write_results(args.out, f"best-cnn-{cap}" if cap else "best-cnn", markdown(rows, summary(rows), settings, cpu))
 
 
 if __name__ == "__main__":

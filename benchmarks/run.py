@@ -30,7 +30,7 @@ from hydra import compose, initialize_config_module
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from fashion_sweep.backend import choose_precision, cpu_flags, cpu_vendor, cpuinfo_field
+from fashion_sweep.backend import cpu_flags, cpuinfo_field, precision_here
 
 HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent
@@ -262,7 +262,8 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1),
         "simd": [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags],
-        "auto_precision": " ".join(choose_precision("auto", flags, cpu_vendor())),  # what auto picks here
+        "auto_precision": " ".join(precision_here("auto")),  # what auto picks here (under oneDNN's ISA cap, if set)
+        "onednn_isa": onednn_isa(),
         "python": platform.python_version(),
         "tensorflow": version("tensorflow"),
         "keras": version("keras"),
@@ -270,10 +271,23 @@ def machine() -> dict[str, Any]:
     }
 
 
+def onednn_isa() -> str:
+    """The instruction set oneDNN runs its kernels with in a child process of this environment (ONEDNN_MAX_CPU_ISA
+    caps it) and the kernel of a 3x3 convolution, as oneDNN's verbose mode names them: "Intel AVX2 (brg_conv_fwd:avx2)"
+    """
+    probe = "import tensorflow as tf; tf.nn.conv2d(tf.ones([8, 28, 28, 16]), tf.ones([3, 3, 16, 16]), 1, 'SAME')"
+    env = {**os.environ, "ONEDNN_VERBOSE": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300).stdout
+    isa = next((line.split("isa:", 1)[1] for line in out.splitlines() if ",isa:" in line), "?")
+    kernel = next((line.split(",")[6] for line in out.splitlines() if ",exec,cpu,convolution," in line), "?")
+    return f"{isa.strip()} ({kernel})"
+
+
 def announced_machine() -> dict[str, Any]:
     """machine(), its CPU line printed first: a long benchmark says at once where it runs and what auto picks."""
     cpu = machine()
-    print(f"CPU: {cpu['cpu']} ({', '.join(cpu['simd'])}); trainer.precision={cpu['auto_precision']}", flush=True)
+    print(f"CPU: {cpu['cpu']} ({', '.join(cpu['simd'])}); oneDNN ISA: {cpu['onednn_isa']}", flush=True)
+    print(f"trainer.precision={cpu['auto_precision']}", flush=True)
     return cpu
 
 

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 # Start-up lines TensorFlow 2.21 writes to stderr before absl logging is initialised, so that
 # TF_CPP_MIN_LOG_LEVEL does not hide them (tensorflow/tensorflow#100442).
@@ -96,25 +97,56 @@ def cpuinfo_field(name: str, cpuinfo: Path) -> str:
     return ""
 
 
-def choose_precision(setting: str, flags: set[str], vendor: str) -> tuple[str, str]:
+def choose_precision(setting: str, flags: set[str], vendor: str, isa_cap: str = "") -> tuple[str, str]:
     """(precision, why) for trainer.precision: float32 and bfloat16 as asked; auto = bfloat16 only where it was
     measured faster. Mixed bfloat16 against float32, seed_cnn: 1.92x and 1.41x on Intel Xeons with AMX; 1.45x
     (1.08x once) on an AMD EPYC with AVX512_BF16; 0.84x and 0.74x on an Intel Xeon with AVX512_BF16 whose AMX is
-    not exposed (whole default runs, 2026-12-02); 0.23x on an AMD EPYC without AVX512_BF16 (bfloat16 emulated)."""
+    not exposed (whole default runs, 2026-12-02); 0.23x on an AMD EPYC without AVX512_BF16 (bfloat16 emulated).
+    isa_cap is ONEDNN_MAX_CPU_ISA: oneDNN then uses no instruction above it, so auto chooses as on such a CPU."""
     if setting != "auto":
         return setting, "asked for"
+    flags = flags_under_cap(flags, isa_cap)
+    capped = f" under ONEDNN_MAX_CPU_ISA={isa_cap}" if isa_cap else ""
     if "amx_bf16" in flags:
-        return "bfloat16", "auto: this CPU has AMX (amx_bf16)"
+        return "bfloat16", f"auto: this CPU has AMX (amx_bf16){capped}"
     if "avx512_bf16" not in flags:
-        return "float32", "auto: this CPU has no bfloat16 instructions (no avx512_bf16)"
+        cpu = f"oneDNN{capped}" if isa_cap else "this CPU"  # the CPU may have them; the cap keeps them unused
+        return "float32", f"auto: {cpu} has no bfloat16 instructions (no avx512_bf16)"
     if vendor == "AuthenticAMD":
-        return "bfloat16", "auto: an AMD CPU with bfloat16 instructions (avx512_bf16), measured faster in bfloat16"
-    return "float32", f"auto: avx512_bf16 without AMX ({vendor or 'vendor unknown'}), slower in bfloat16 on Intel"
+        return (
+            "bfloat16",
+            f"auto: an AMD CPU with bfloat16 instructions (avx512_bf16){capped}, measured faster in bfloat16",
+        )
+    return (
+        "float32",
+        f"auto: avx512_bf16 without AMX ({vendor or 'vendor unknown'}){capped}, slower in bfloat16 on Intel",
+    )
+
+
+def flags_under_cap(flags: set[str], isa_cap: str) -> set[str]:
+    """The CPU flags oneDNN may use under ONEDNN_MAX_CPU_ISA (oneDNN 3's names, e.g. AVX2, AVX512_CORE_BF16,
+    AVX512_CORE_AMX; unset, ALL or DEFAULT: no cap): AMX only under an AMX cap, AVX512_BF16 only under a cap
+    that includes it."""
+    cap = isa_cap.upper()
+    if cap in ("", "ALL", "DEFAULT"):
+        return flags
+    kept = set(flags)
+    if "AMX" not in cap:
+        kept -= {"amx_bf16", "amx_tile", "amx_int8", "amx_fp16"}
+    if not any(name in cap for name in ("BF16", "FP16", "AMX", "AVX10")):
+        kept.discard("avx512_bf16")
+    return kept
 
 
 def precision_here(setting: str) -> tuple[str, str]:
-    """(precision, why) for trainer.precision on this machine's CPU."""
-    return choose_precision(setting, cpu_flags(), cpu_vendor())
+    """(precision, why) for trainer.precision on this machine's CPU, under oneDNN's ISA cap if one is set."""
+    return choose_precision(setting, cpu_flags(), cpu_vendor(), os.environ.get("ONEDNN_MAX_CPU_ISA", ""))
+
+
+def by_precision(setting: str, bfloat16: Any, float32: Any) -> Any:
+    """The config resolver ${by_precision:<trainer.precision>,<value in bfloat16>,<value in float32>}: a preset's
+    value for the precision that setting trains in here (experiment=best_cnn's two recipes)."""
+    return bfloat16 if precision_here(setting)[0] == "bfloat16" else float32
 
 
 def set_precision(precision: str) -> None:

@@ -103,6 +103,11 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
         lambda v: isinstance(v, str) and len(v.strip()) > 0 and len(v) <= 200,
         "a name of 1 to 200 characters",
     ),
+    (
+        "recipe",
+        lambda v: v is None or (isinstance(v, str) and 0 < len(v.strip()) <= 250),
+        "null or a 1-250 character name",
+    ),
     ("tracking.log_model", lambda v: isinstance(v, bool), "true or false"),
     ("tracking.system_metrics", lambda v: isinstance(v, bool), "true or false"),
     ("tracking.system_metrics_interval", lambda v: _number(v) and 1 <= v <= 3600, "a number of seconds in 1..3600"),

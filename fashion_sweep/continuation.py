@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from hydra.core.hydra_config import HydraConfig
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
 
 from fashion_sweep import backend, checkpoint, runs
 
@@ -107,9 +108,22 @@ def resume_point(client: MlflowClient, previous: Run) -> ResumePoint:
 def run_precision(setting: str, previous: Run | None) -> tuple[str, str]:
     """(precision, why) to train in. Under auto a continued run keeps the precision it began in (auto's rule, or
     the CPU, may have changed since); runs from before trainer.precision existed began in float32."""
-    if previous is None or setting != "auto":
+    tags = previous.data.tags if previous else {}
+    if previous is None or setting not in ("auto", tags.get("precision")):
         return backend.precision_here(setting)
-    tags = previous.data.tags
     if "precision" not in tags:
         return "float32", "auto: kept from the run's start (written before trainer.precision, in float32)"
     return tags["precision"], tags.get("precision_reason", "auto: kept from the run's start")
+
+
+def pin_precision(cfg: DictConfig, previous: Run | None) -> bool:
+    """Under trainer.precision=auto, set in cfg the precision a continued run began in where this CPU would pick
+    another, so that a preset's values chosen by precision (${by_precision:...}, experiment=best_cnn) resolve as
+    when the run began. Whether cfg changed."""
+    if previous is None or cfg.trainer.precision != "auto":
+        return False
+    kept = run_precision("auto", previous)[0]
+    if kept == backend.precision_here("auto")[0]:
+        return False
+    cfg.trainer.precision = kept
+    return True

@@ -53,6 +53,8 @@ def train(cfg: DictConfig) -> float:
     client = MlflowClient(str(cfg.tracking.uri))
     job = continuation.job_context(cfg.trainer.epochs)
     previous = continuation.existing_run(client, experiment_id, job)
+    if continuation.pin_precision(cfg, previous):  # continued on a CPU where auto picks another precision
+        job = continuation.job_context(cfg.trainer.epochs)
     if previous is not None and continuation.answered_by(client, previous, job, cfg.trainer.epochs):
         done = (run_name(cfg), job.stop_epoch, previous.info.run_id)
         log.info("%s: done up to epoch %d in run %s; not run again", *done)
@@ -90,7 +92,8 @@ def fit_and_record(
     keras.utils.set_random_seed(cfg.trainer.seed)
     precision, why = continuation.run_precision(cfg.trainer.precision, previous)
     backend.set_precision(precision)
-    mlflow.set_tags({"precision": precision, "precision_reason": why})
+    recipe = {"recipe": cfg.recipe} if cfg.get("recipe") else {}  # a preset's variant, e.g. best_cnn's per precision
+    mlflow.set_tags({"precision": precision, "precision_reason": why, **recipe})
 
     batch_size, smoothing, stop = cfg.trainer.batch_size, cfg.trainer.label_smoothing, job.stop_epoch
     steps_per_epoch = math.ceil(len(split.y_train) / batch_size)

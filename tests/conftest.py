@@ -70,8 +70,9 @@ def run_script(name: str, *args: str, cwd: Path, timeout: float = 300, env: dict
     )
 
 
-def fashion_sweep(tmp: Path, *overrides: str, timeout: float = 300):
-    """`fashion-sweep` with its store in tmp/mlruns and Hydra's output dirs under tmp (flags such as -m first)."""
+def fashion_sweep(tmp: Path, *overrides: str, timeout: float = 300, env: dict | None = None):
+    """`fashion-sweep` with its store in tmp/mlruns and Hydra's output dirs under tmp (flags such as -m first);
+    env: variables added to this environment."""
     flags = [arg for arg in overrides if arg.startswith("-")]
     return run_script(
         "fashion-sweep",
@@ -83,6 +84,7 @@ def fashion_sweep(tmp: Path, *overrides: str, timeout: float = 300):
         *[arg for arg in overrides if arg not in flags],
         cwd=tmp,
         timeout=timeout,
+        env=env,
     )
 
 

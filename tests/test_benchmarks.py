@@ -86,15 +86,16 @@ def test_options_benchmark_runs_an_option_against_plain_keras(tmp_path: Path) ->
     assert plain > 0 and option > 0 and ratio > 0
 
 
-def test_best_cnn_benchmark_pairs_the_reference_and_the_preset(tmp_path: Path) -> None:
+def test_best_cnn_benchmark_pairs_the_reference_and_the_preset_under_an_isa_cap(tmp_path: Path) -> None:
     run_module("benchmarks.best_cnn", "--seeds", "7", "--pairs", "1", "--train-size", "500", "--epochs", "1",
-               "--out", str(tmp_path))  # fmt: skip
-    (table,) = tmp_path.glob("*-best-cnn.md")
-    lines = table.read_text().splitlines()
-    rows = [line.split(" | ") for line in lines if line.startswith(("| reference |", "| best_cnn |"))]
-    assert [(r[0], r[1]) for r in rows] == [("| reference", "7"), ("| best_cnn", "7")]
-    assert all(r[4] == "1" and 0 < float(r[5].rstrip("% |")) <= 100 for r in rows)  # epochs, test accuracy
-    assert "| wall time best_cnn / reference (per pair) |" in table.read_text()
+               "--isa", "avx2", "--out", str(tmp_path))  # fmt: skip
+    (table,) = tmp_path.glob("*-best-cnn-avx2.md")
+    text = table.read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith(("| reference |", "| best_cnn ("))]
+    assert [(r[0], r[1]) for r in rows] == [("| reference", "7"), ("| best_cnn (best_cnn-float32)", "7")]
+    assert all(r[4:6] == ["1", "float32"] and 0 < float(r[6].rstrip("% |")) <= 100 for r in rows)  # auto: float32
+    assert "oneDNN ISA Intel AVX2 (brg_conv_fwd:avx2), capped by ONEDNN_MAX_CPU_ISA=AVX2" in text  # what oneDNN ran
+    assert "| wall time best_cnn / reference (per pair) |" in text
 
 
 def test_sweep_free_benchmark_sets_the_grids_best_beside_the_control(tmp_path: Path) -> None:

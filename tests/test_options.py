@@ -9,10 +9,11 @@ import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
+from hydra import compose, initialize_config_module
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from fashion_sweep import data
+from fashion_sweep import continuation, data
 from fashion_sweep.backend import choose_precision, cpu_flags, cpu_vendor, set_precision
 from fashion_sweep.continuation import run_precision
 from fashion_sweep.models import build_model
@@ -36,6 +37,49 @@ def test_auto_precision_is_bfloat16_only_where_measured_faster(setting, flags, v
     assert choose_precision(setting, flags, vendor)[0] == expected
 
 
+@pytest.mark.parametrize(
+    ("flags", "vendor", "cap", "expected"),
+    [
+        ({"avx2", "amx_bf16", "avx512_bf16"}, "GenuineIntel", "AVX2", "float32"),  # as on an AVX2-only CPU
+        ({"avx2", "amx_bf16", "avx512_bf16"}, "GenuineIntel", "avx512_core_bf16", "float32"),  # AMX capped off
+        ({"avx2", "amx_bf16", "avx512_bf16"}, "GenuineIntel", "AVX512_CORE_AMX", "bfloat16"),
+        ({"avx2", "avx512_bf16"}, "AuthenticAMD", "AVX512_CORE", "float32"),  # no bfloat16 instructions under it
+        ({"avx2", "avx512_bf16"}, "AuthenticAMD", "AVX512_CORE_BF16", "bfloat16"),
+        ({"avx2", "amx_bf16"}, "GenuineIntel", "ALL", "bfloat16"),  # ALL (and DEFAULT): no cap
+        ({"avx2"}, "AuthenticAMD", "AVX512_CORE_AMX", "float32"),  # a cap adds no instruction the CPU lacks
+    ],
+)
+def test_auto_precision_chooses_as_on_the_cpu_onednns_isa_cap_leaves(flags, vendor, cap, expected) -> None:
+    precision, why = choose_precision("auto", flags, vendor, cap)
+    assert precision == expected and f"ONEDNN_MAX_CPU_ISA={cap}" in why
+    assert choose_precision("bfloat16", flags, vendor, "AVX2")[0] == "bfloat16"  # asked for: no cap changes it
+
+
+def test_best_cnn_chooses_its_recipe_by_the_precision_it_trains_in(tmp_path) -> None:
+    """Each precision asked for, and auto under an AVX2 cap, trains best_cnn's variant for it, tagged `recipe`."""
+    small = ["data.train_size=400", "tracking.log_model=false", "trainer.verbose=0"]
+    proc = fashion_sweep(tmp_path, "--multirun", "experiment=best_cnn", "trainer.precision=float32,bfloat16", *small)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    capped = fashion_sweep(tmp_path, "experiment=best_cnn", "trainer.precision=auto", "tracking.experiment=capped",
+                           *small, env={"ONEDNN_MAX_CPU_ISA": "AVX2"})  # fmt: skip
+    assert capped.returncode == 0, capped.stderr[-2000:]
+    runs = {(r.data.params["trainer.precision"], r.data.tags["precision"]): r for r in all_runs(tmp_path)
+            if r.data.tags.get("sweep_role") != "parent"}  # fmt: skip
+    expected = {("float32", "float32"): ("best_cnn-float32", "0.01", "13"),
+                ("bfloat16", "bfloat16"): ("best_cnn-bfloat16", "0.003", "16"),
+                ("auto", "float32"): ("best_cnn-float32", "0.01", "13")}  # fmt: skip
+    assert set(runs) == set(expected)
+    client = MlflowClient(store_uri(tmp_path / "mlruns"))
+    for key, (recipe, peak, epochs) in expected.items():
+        run = runs[key]
+        assert (run.data.tags["recipe"], run.data.params["optimizer.lr"], run.data.params["trainer.epochs"]) == (
+            recipe, peak, epochs)  # fmt: skip
+        assert len(client.get_metric_history(run.info.run_id, "val_loss")) == int(epochs)  # trained as recorded
+        lrs = client.get_metric_history(run.info.run_id, "lr")  # the one-cycle schedule peaks at the variant's peak
+        assert max(m.value for m in lrs) == pytest.approx(float(peak), rel=0.05)
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in runs["auto", "float32"].data.tags["precision_reason"]
+
+
 def test_the_cpu_is_read_from_proc_cpuinfo(tmp_path) -> None:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 avx512_bf16\n\n")
@@ -57,6 +101,22 @@ def test_a_continued_run_keeps_the_precision_it_began_in(tmp_path) -> None:
     assert run_precision("auto", continued[older])[0] == "float32"
     assert run_precision("float32", continued[began_bf16]) == ("float32", "asked for")  # asked for wins
     assert run_precision("auto", None) == choose_precision("auto", cpu_flags(), cpu_vendor())  # new run: CPU decides
+
+
+def test_a_best_cnn_run_continued_where_auto_picks_another_precision_keeps_its_variant(tmp_path, monkeypatch) -> None:
+    client = MlflowClient(store_uri(tmp_path))
+    began = client.create_run(client.create_experiment("continued"), tags={"precision": "bfloat16",
+                                                                          "precision_reason": "auto: AMX"})  # fmt: skip
+    client.set_terminated(began.info.run_id, "KILLED")
+    previous = client.get_run(began.info.run_id)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # here auto picks float32, as on an AVX2-only CPU
+    with initialize_config_module(version_base="1.3", config_module="fashion_sweep.conf"):
+        cfg = compose("config", overrides=["experiment=best_cnn"])
+    assert (cfg.recipe, cfg.trainer.epochs) == ("best_cnn-float32", 13)  # a new run here
+    assert continuation.pin_precision(cfg, previous)
+    assert (cfg.recipe, cfg.trainer.epochs, cfg.optimizer.lr) == ("best_cnn-bfloat16", 16, 0.003)  # as it began
+    assert run_precision(cfg.trainer.precision, previous) == ("bfloat16", "auto: AMX")  # its reason kept
+    assert not continuation.pin_precision(cfg, previous) and not continuation.pin_precision(cfg, None)
 
 
 def test_mixed_bfloat16_computes_in_bfloat16_keeps_float32_weights_and_a_float32_softmax() -> None:

@@ -175,8 +175,9 @@ def test_schedule_free_takes_no_schedule_and_builds_at_the_methods_defaults() ->
 
 def test_the_control_trains_the_grids_model_with_its_own_optimizer_once_per_seed() -> None:
     with initialize_config_module(version_base="1.3", config_module="fashion_sweep.conf"):
-        primary = compose("config", overrides=["experiment=best_cnn", "control=sweep_free"], return_hydra_config=True)
-        shared = ["experiment=best_cnn", "control=sweep_free", "optimizer.lr=0.001"]
+        preset = ["experiment=best_cnn", "trainer.precision=bfloat16"]  # best_cnn's variant where bfloat16 pays
+        primary = compose("config", overrides=[*preset, "control=sweep_free"], return_hydra_config=True)
+        shared = [*preset, "control=sweep_free", "optimizer.lr=0.001"]
         grid = [[*shared, f"trainer.seed={s}"] for s in (1, 2)]
         jobs = control.jobs(primary, grid)
         assert [job[-1] for job in jobs] == ["trainer.seed=1", "trainer.seed=2"]
