@@ -65,7 +65,7 @@ def auth_database(backend_store_uri: str) -> str:
     return backend_store_uri
 
 
-def auth_config(database_uri: str, default_permission: str) -> str:
+def auth_config(database_uri: str, default_permission: str, cache_seconds: int) -> str:
     """Write the basic-auth app's settings (MLFLOW_AUTH_CONFIG_PATH) to a new file; they hold no secret: the admin's
     password comes from MLFLOW_AUTH_ADMIN_PASSWORD, a database's from PGPASSWORD or ~/.pgpass."""
     text = (
@@ -74,6 +74,9 @@ def auth_config(database_uri: str, default_permission: str) -> str:
         f"database_uri = {database_uri}\n"
         "admin_username = admin\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # mlflow 3.17 (PR #22817; older versions ignore the key): a worker trusts a password it verified for this
+        # long instead of hashing it again (scrypt, ~0.14 s of CPU) on each of a sweep's hundreds of requests.
+        f"auth_cache_ttl_seconds = {cache_seconds}\n"
     )
     with tempfile.NamedTemporaryFile("w", prefix="fashion-sweep-auth-", suffix=".ini", delete=False) as file:
         file.write(text)
@@ -124,7 +127,13 @@ def main(argv: list[str] | None = None) -> None:
         "--default-permission", default="READ", choices=["READ", "EDIT", "MANAGE", "NO_PERMISSIONS"],
         help="--auth: what every user may do in an experiment no one granted them (default: READ, MLflow's)",
     )  # fmt: skip
+    parser.add_argument(
+        "--auth-cache-seconds", type=int, default=60, metavar="SECONDS",
+        help="--auth: how long a worker trusts a password it verified (default: 60; 0: verify every request)",
+    )  # fmt: skip
     args, extra = parser.parse_known_args(argv)
+    if args.auth_cache_seconds < 0:
+        parser.error(f"--auth-cache-seconds {args.auth_cache_seconds}: expected 0 or more")
     extra = [a for a in extra if a != "--"]
     backend = credentials.moved_to_environment(args.backend_store_uri or store.default_tracking_uri())
     args.backend_store_uri = backend
@@ -134,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.auth:
         users = credentials.moved_to_environment(args.auth_database_uri or auth_database(backend))
         check_admin_password(users)
-        os.environ["MLFLOW_AUTH_CONFIG_PATH"] = auth_config(users, args.default_permission)
+        os.environ["MLFLOW_AUTH_CONFIG_PATH"] = auth_config(users, args.default_permission, args.auth_cache_seconds)
         # mlflow 3.17's basic-auth app refuses to start without one CSRF key shared by its workers; a new random
         # one per start only voids sign-up forms left open across a restart.
         os.environ.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(32))

@@ -3,6 +3,7 @@ anywhere: a real server on 127.0.0.1, real users and permissions, real sweeps th
 
 from __future__ import annotations
 
+import configparser
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from mlflow.server import get_app_client
 from mlflow.tracking import MlflowClient
 
 from fashion_sweep import credentials, resume
+from fashion_sweep.server import auth_config
 from tests.conftest import BIN, QUICK, interruptible, run_script
 from tests.test_resume import EPOCH_METRICS, stop_after
 from tests.test_ui import free_port, stop_group, wait_until_up
@@ -132,6 +134,42 @@ def test_an_editor_sweeps_through_the_server_and_resumes_it_after_ctrl_c(server,
         assert child.info.status == "FINISHED" and child.data.tags["mlflow.user"] == "alice"
         for metric in EPOCH_METRICS:
             assert sorted(m.step for m in client.get_metric_history(child.info.run_id, metric)) == [1, 2]
+
+
+def test_a_changed_password_is_refused_at_once_though_the_server_trusts_verified_ones_for_a_minute(server) -> None:
+    url, _ = server
+    admin = get_app_client("basic-auth", tracking_uri=url)
+    admin.create_user("carol", "carol-pw-old-4e1")
+
+    def searches(password: str) -> int:
+        request = urllib.request.Request(
+            f"{url}/api/2.0/mlflow/experiments/search?max_results=1",
+            headers=credentials.request_headers(
+                {credentials.USERNAME_ENV: "carol", credentials.PASSWORD_ENV: password}
+            ),
+        )
+        try:
+            return urllib.request.urlopen(request, timeout=10).status
+        except urllib.error.HTTPError as refused:
+            return refused.code
+
+    assert [searches("carol-pw-old-4e1") for _ in range(2)] == [200, 200]  # the second from the cache
+    admin.update_user_password("carol", "carol-pw-new-9b7")
+    assert searches("carol-pw-old-4e1") == 401 and searches("carol-pw-new-9b7") == 200
+    admin.delete_user("carol")
+    assert searches("carol-pw-new-9b7") == 401
+
+
+def test_the_auth_settings_trust_a_verified_password_for_the_time_asked(tmp_path: Path) -> None:
+    for seconds in (60, 0):
+        settings = configparser.ConfigParser()
+        path = Path(auth_config("sqlite:///users.db", "READ", seconds))
+        settings.read(path)
+        path.unlink()
+        assert settings.getint("mlflow", "auth_cache_ttl_seconds") == seconds
+    proc = subprocess.run([str(BIN / "fashion-sweep-server"), "--auth", "--auth-cache-seconds", "-1"], cwd=tmp_path,
+                          env=without_credentials(), capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "--auth-cache-seconds -1: expected 0 or more" in proc.stderr.splitlines()[-1]
 
 
 def test_a_reader_compares_but_cannot_create_a_run(server, alices_sweep, tmp_path: Path) -> None:
