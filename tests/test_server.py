@@ -57,7 +57,7 @@ def test_a_sweep_through_the_server_loses_nothing_when_the_server_restarts(tmp_p
             if "epoch 1/3" in line:  # its first epoch is in the store; the rest must wait for the server
                 break
         stop_group(server)
-        time.sleep(30)  # the server is down for 30 s (of the ~65 s tracking=server's retries wait)
+        time.sleep(10)  # the server is down for 10 s (tracking=server's retries wait up to ~65 s)
         server = start_server(store, port)
         output, _ = sweep.communicate(timeout=600)
         assert sweep.returncode == 0, output
